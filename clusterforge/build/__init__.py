@@ -1,0 +1,1 @@
+"""The image factory: one stage per module, each a function over a BuildContext."""

@@ -1,0 +1,263 @@
+"""What every build stage shares: where inputs and outputs live, and the helpers
+that make outputs atomic and cached by the hash of their inputs.
+
+A stage computes a key with `content_hash()` over everything that shapes its
+output, returns early when `is_fresh(output, key)`, otherwise builds into the
+path yielded by `atomic_path(output)` and calls `write_stamp(output, key)`.
+The stamp is written last, so an interrupted build is never mistaken for a
+finished one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..log import info
+from ..run import run
+
+MiB = 1024**2
+GiB = 1024**3
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Fixed namespace so filesystem and partition ids derive from the image name alone:
+# rootfs (fstab, grub.cfg) and disk (mkfs, sgdisk) agree without passing data around.
+_ID_NAMESPACE = uuid.UUID("6f1d2c1e-4a59-4c3e-9a51-2f0c6b7d9e10")
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+# Never part of a content hash: caches and editor/build droppings.
+_HASH_IGNORE = {"__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    root: Path = REPO_ROOT
+    out: Path = REPO_ROOT / "dist"
+    name: str = "clusterforge-debian-12"
+    suite: str = "bookworm"
+    mirror: str = "http://deb.debian.org/debian"
+    security_mirror: str = "http://deb.debian.org/debian-security"
+    # Shared with the host's apt so repeated builds (and host installs) download once.
+    apt_cache: Path = Path("/var/cache/apt/archives")
+    package_sets: tuple[str, ...] = ("common", "etcd", "ceph", "slurm", "wireguard", "k3s")
+    kernel_cmdline: str = "console=tty0 console=ttyS0,115200"
+    disk_size: int = 4 * GiB
+    esp_size: int = 100 * MiB
+
+    @classmethod
+    def create(cls, root: Path | None = None, out: Path | None = None) -> BuildContext:
+        root = (root or REPO_ROOT).resolve()
+        return cls(root=root, out=(out or root / "dist").resolve())
+
+    @property
+    def cache(self) -> Path:
+        return self.out / "cache"
+
+    @property
+    def packages_dir(self) -> Path:
+        return self.root / "images" / "packages"
+
+    @property
+    def overlay_common(self) -> Path:
+        return self.root / "overlays" / "common"
+
+    @property
+    def package_src(self) -> Path:
+        return self.root / "clusterforge"
+
+    @property
+    def rootfs_dir(self) -> Path:
+        return self.cache / "rootfs"
+
+    @property
+    def base_disk(self) -> Path:
+        """The stage-2 output, input of later stages; never booted directly."""
+        return self.cache / "base.raw"
+
+    @property
+    def raw_image(self) -> Path:
+        """A copy of the base disk a user may boot (and so modify) as is."""
+        return self.out / f"{self.name}.raw"
+
+    def stable_uuid(self, what: str) -> str:
+        return str(uuid.uuid5(_ID_NAMESPACE, f"{self.name}/{what}"))
+
+    @property
+    def root_uuid(self) -> str:
+        return self.stable_uuid("rootfs")
+
+    @property
+    def esp_volume_id(self) -> str:
+        """FAT volume serial as mkfs.vfat -i wants it (8 hex digits)."""
+        return self.stable_uuid("esp").replace("-", "")[:8].upper()
+
+    @property
+    def esp_uuid(self) -> str:
+        """The same serial as udev and fstab spell it (XXXX-XXXX)."""
+        vid = self.esp_volume_id
+        return f"{vid[:4]}-{vid[4:]}"
+
+
+# --- content hashes ------------------------------------------------------------------
+
+
+def content_hash(*parts: Path | str | bytes) -> str:
+    """sha256 over files, directory trees and strings, independent of where the
+    tree lives and of directory listing order. A missing path hashes as missing,
+    so an optional input (an overlay) appearing later changes the hash."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Path):
+            _hash_path(h, part)
+        elif isinstance(part, bytes):
+            _feed(h, b"bytes", part)
+        else:
+            _feed(h, b"str", part.encode())
+    return h.hexdigest()
+
+
+def _feed(h: hashlib._Hash, *fields: bytes) -> None:
+    # Length-prefixed so ("ab", "c") and ("a", "bc") differ.
+    for f in fields:
+        h.update(len(f).to_bytes(8, "little"))
+        h.update(f)
+
+
+def _hash_path(h: hashlib._Hash, top: Path) -> None:
+    if not top.exists() and not top.is_symlink():
+        _feed(h, b"missing", top.name.encode())
+        return
+    if not top.is_dir() or top.is_symlink():
+        _hash_entry(h, top, top.name)
+        return
+    _feed(h, b"tree", top.name.encode())
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = sorted(d for d in dirnames if d not in _HASH_IGNORE)
+        base = Path(dirpath)
+        for name in sorted(dirnames + filenames):
+            if name.endswith(".pyc") or name in _HASH_IGNORE:
+                continue
+            _hash_entry(h, base / name, (base / name).relative_to(top).as_posix())
+
+
+def _hash_entry(h: hashlib._Hash, path: Path, rel: str) -> None:
+    if path.is_symlink():
+        _feed(h, b"link", rel.encode(), os.readlink(path).encode())
+    elif path.is_dir():
+        _feed(h, b"dir", rel.encode())
+    else:
+        executable = b"x" if os.access(path, os.X_OK) else b"-"
+        _feed(h, b"file", rel.encode(), executable, path.read_bytes())
+
+
+# --- cache stamps --------------------------------------------------------------------
+
+
+def stamp_path(output: Path) -> Path:
+    return output.with_name(output.name + ".hash")
+
+
+def is_fresh(output: Path, key: str) -> bool:
+    stamp = stamp_path(output)
+    return output.exists() and stamp.exists() and stamp.read_text().strip() == key
+
+
+def read_stamp(output: Path) -> str | None:
+    stamp = stamp_path(output)
+    return stamp.read_text().strip() if output.exists() and stamp.exists() else None
+
+
+def drop_stamp(output: Path) -> None:
+    stamp_path(output).unlink(missing_ok=True)
+
+
+def write_stamp(output: Path, key: str) -> None:
+    stamp = stamp_path(output)
+    tmp = stamp.with_name(f"{stamp.name}.tmp-{os.getpid()}")
+    tmp.write_text(key + "\n")
+    os.replace(tmp, stamp)
+
+
+# --- atomic outputs ------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `final` to build into; on success move it into
+    place (replacing an older output), on any exception (KeyboardInterrupt too)
+    remove it. Works for files and directories."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_siblings(final)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    remove_path(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        remove_path(tmp)
+        raise
+    if not os.path.lexists(tmp):
+        raise RuntimeError(f"stage produced nothing at {tmp}")
+    if not tmp.is_dir() and not (final.is_dir() and not final.is_symlink()):
+        os.replace(tmp, final)
+        return
+    # rename(2) cannot replace a non-empty directory: move the old one aside first.
+    old = final.with_name(f"{final.name}.old-{os.getpid()}")
+    if os.path.lexists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    remove_path(old)
+
+
+def _remove_stale_siblings(final: Path) -> None:
+    """Leftovers of builds that were killed (SIGKILL, power loss) before cleaning up."""
+    for marker in (".tmp-", ".old-"):
+        for sibling in final.parent.glob(f"{final.name}{marker}*"):
+            pid = sibling.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                info(f"removing leftover {sibling}")
+                remove_path(sibling)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mounts_under(path: Path) -> list[Path]:
+    """Mount points at or below path, deepest first (the order to unmount them)."""
+    top = os.path.realpath(path)
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            # Field 5 is the mount point, with spaces etc. as octal escapes.
+            point = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), line.split()[4])
+            if point == top or point.startswith(top + "/"):
+                found.append(Path(point))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or tree; first unmount anything mounted inside it, so that a
+    chroot left with /proc or a bind mount never makes rmtree reach the host."""
+    if not os.path.lexists(path):
+        return
+    if path.is_dir() and not path.is_symlink():
+        for point in mounts_under(path):
+            run(["umount", "--lazy", point])
+        shutil.rmtree(path)
+    else:
+        path.unlink()

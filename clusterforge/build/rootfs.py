@@ -1,0 +1,334 @@
+"""Stage 1: the node's root filesystem, a directory made by mmdebstrap.
+
+A directory (not a tarball) because stage 2 feeds it straight to
+`mkfs.ext4 -d`, and customizing it needs no unpacking. The host's apt cache is
+hard-linked in before mmdebstrap runs and newly fetched .debs are linked back
+afterwards, so a second build downloads only the package indexes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shutil
+from pathlib import Path
+
+from ..log import die, human_bytes, info, stage
+from ..run import run
+from .context import BuildContext, atomic_path, content_hash, drop_stamp, is_fresh, write_stamp
+
+_PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+
+# Packages enable these at install time; with stock settings they would start
+# etcd, SLURM, munge and Ceph on every boot. The agent starts each once configured.
+DISABLE = [
+    "etcd.service",
+    "slurm*.service",
+    "munge.service",
+    "ceph*.target",
+    "ceph*.service",
+    "rbdmap.service",
+    "keepalived.service",
+    "dnsmasq*.service",
+    # Nodes have no route to a Debian mirror; don't wake up to fail at it.
+    "apt-daily*.timer",
+]
+ENABLE = [
+    "systemd-networkd.service",
+    "systemd-resolved.service",
+    "ssh.service",
+    "clusterforge-ssh-keygen.service",
+]
+
+# cloud-init's ssh module regenerates host keys when it runs; this covers boots
+# without a datasource, where cloud-init disables itself and sshd would have no keys.
+SSH_KEYGEN_UNIT = """\
+[Unit]
+Description=Generate SSH host keys missing after first boot setup
+ConditionPathExistsGlob=!/etc/ssh/ssh_host_*_key
+After=cloud-init.service
+Before=ssh.service
+
+[Service]
+Type=oneshot
+ExecStart=/usr/bin/ssh-keygen -A
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+# Without it a node whose seed has no network-config (or no seed) has no network.
+# cloud-init's 10-cloud-init-*.network files sort first and win.
+FALLBACK_NETWORK = """\
+[Match]
+Type=ether
+Name=en* eth*
+
+[Network]
+DHCP=yes
+
+[Link]
+RequiredForOnline=no
+"""
+
+# Only the datasources clusterforge seeds use: ds-identify then disables cloud-init
+# quickly when there is no seed instead of probing cloud metadata services.
+CLOUD_CFG = """\
+datasource_list: [NoCloud, None]
+system_info:
+  network:
+    renderers: [networkd]
+    activators: [networkd]
+"""
+
+HOSTS = """\
+127.0.0.1\tlocalhost
+127.0.1.1\tclusterforge
+::1\tlocalhost ip6-localhost ip6-loopback
+ff02::1\tip6-allnodes
+ff02::2\tip6-allrouters
+"""
+
+# Docs, man pages and translations are a sizeable share of the image and unused on
+# nodes; copyright files stay for license compliance.
+DPKG_EXCLUDES = [
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+]
+
+
+def read_package_list(path: Path) -> list[str]:
+    if not path.exists():
+        die(f"package list not found: {path}", hint="package sets live in images/packages/")
+    names = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        name = line.split("#", 1)[0].strip()
+        if not name:
+            continue
+        if not _PACKAGE_NAME.match(name):
+            die(f"{path}:{number}: not a Debian package name: {name!r}", hint="one per line")
+        names.append(name)
+    return names
+
+
+def packages(ctx: BuildContext) -> list[str]:
+    seen: dict[str, None] = {}
+    for package_set in ctx.package_sets:
+        for name in read_package_list(ctx.packages_dir / f"{package_set}.txt"):
+            seen.setdefault(name, None)
+    return list(seen)
+
+
+def sources(ctx: BuildContext) -> list[str]:
+    return [
+        f"deb {ctx.mirror} {ctx.suite} main",
+        f"deb {ctx.mirror} {ctx.suite}-updates main",
+        f"deb {ctx.security_mirror} {ctx.suite}-security main",
+    ]
+
+
+def rootfs_key(ctx: BuildContext) -> str:
+    return content_hash(
+        *(ctx.packages_dir / f"{s}.txt" for s in ctx.package_sets),
+        Path(__file__),
+        ctx.overlay_common,
+        ctx.package_src,
+        ctx.suite,
+        *sources(ctx),
+        ctx.kernel_cmdline,
+        ctx.root_uuid,
+        ctx.esp_uuid,
+    )
+
+
+def build_rootfs(ctx: BuildContext) -> Path:
+    key = rootfs_key(ctx)
+    out = ctx.rootfs_dir
+    if is_fresh(out, key):
+        info(f"rootfs: up to date ({out})")
+        return out
+    drop_stamp(out)
+    with stage(f"rootfs: mmdebstrap {ctx.suite}"), atomic_path(out) as tmp:
+        seeded = seed_apt_cache(ctx.apt_cache, tmp)
+        try:
+            mmdebstrap(ctx, tmp)
+        finally:
+            harvest_apt_cache(tmp, ctx.apt_cache, seeded)
+        customize(ctx, tmp)
+    write_stamp(out, key)
+    info(f"rootfs: {human_bytes(tree_size(out))} in {out}")
+    return out
+
+
+def mmdebstrap(ctx: BuildContext, target: Path) -> None:
+    run(
+        [
+            "mmdebstrap",
+            "--mode=root",
+            "--format=directory",
+            "--variant=minbase",
+            '--aptopt=APT::Install-Recommends "false"',
+            *(f"--dpkgopt={opt}" for opt in DPKG_EXCLUDES),
+            "--include=" + ",".join(packages(ctx)),
+            # The target holds the seeded apt cache, and the cache must survive
+            # until harvest_apt_cache() has linked new downloads back to the host.
+            "--skip=check/empty",
+            "--skip=essential/unlink",
+            "--skip=cleanup/apt/cache",
+            ctx.suite,
+            target,
+            *sources(ctx),
+        ],
+        capture=False,
+    )
+
+
+def _archives(root: Path) -> Path:
+    return root / "var/cache/apt/archives"
+
+
+def seed_apt_cache(host_cache: Path, target: Path) -> set[str]:
+    """Hard-link the host's .debs into the target (same filesystem: instant, no
+    space); fall back to nothing when the cache is elsewhere or missing."""
+    dest = _archives(target)
+    (dest / "partial").mkdir(parents=True, exist_ok=True)
+    seeded: set[str] = set()
+    if not host_cache.is_dir():
+        return seeded
+    for deb in host_cache.glob("*.deb"):
+        try:
+            os.link(deb, dest / deb.name)
+        except OSError:
+            break  # another filesystem (EXDEV): every link would fail
+        seeded.add(deb.name)
+    info(f"rootfs: {len(seeded)} cached packages linked in from {host_cache}")
+    return seeded
+
+
+def harvest_apt_cache(target: Path, host_cache: Path, seeded: set[str]) -> None:
+    """Give new downloads back to the host cache, then empty the image's cache."""
+    src = _archives(target)
+    if not src.is_dir():
+        return
+    new = [deb for deb in src.glob("*.deb") if deb.name not in seeded]
+    if host_cache.is_dir() and os.access(host_cache, os.W_OK):
+        for deb in new:
+            dest = host_cache / deb.name
+            if not dest.exists():
+                try:
+                    os.link(deb, dest)
+                except OSError:
+                    shutil.copy2(deb, dest)
+        info(f"rootfs: {len(new)} newly downloaded packages added to {host_cache}")
+    for entry in src.iterdir():
+        if entry.is_file() and entry.name != "lock":
+            entry.unlink()
+    shutil.rmtree(src / "partial", ignore_errors=True)
+    (src / "partial").mkdir()
+
+
+def customize(ctx: BuildContext, root: Path) -> None:
+    etc = root / "etc"
+    (etc / "systemd/system/clusterforge-ssh-keygen.service").write_text(SSH_KEYGEN_UNIT)
+    (etc / "systemd/network/99-clusterforge-dhcp.network").write_text(FALLBACK_NETWORK)
+    (etc / "cloud/cloud.cfg.d/90_clusterforge.cfg").write_text(CLOUD_CFG)
+    set_units(root)
+
+    # First boot must make this machine unique: empty machine-id (systemd fills it
+    # in, and an empty file is "not first boot", so presets are not re-applied).
+    (etc / "machine-id").write_text("")
+    (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
+    for key in (etc / "ssh").glob("ssh_host_*"):
+        key.unlink()
+    (etc / "hostname").write_text("clusterforge\n")
+    (etc / "hosts").write_text(HOSTS)
+    # mmdebstrap copied the build host's resolv.conf; nodes use resolved's stub.
+    (etc / "resolv.conf").unlink(missing_ok=True)
+    (etc / "resolv.conf").symlink_to("../run/systemd/resolve/stub-resolv.conf")
+
+    write_boot_config(ctx, root)
+    install_package(ctx, root)
+    if ctx.overlay_common.is_dir():
+        shutil.copytree(ctx.overlay_common, root, symlinks=True, dirs_exist_ok=True)
+
+
+def set_units(root: Path) -> None:
+    enabled = enabled_units(root)
+    to_disable = [u for u in enabled if any(fnmatch.fnmatch(u, p) for p in DISABLE)]
+    if to_disable:
+        info(f"rootfs: disabling {' '.join(to_disable)}")
+        run(["systemctl", f"--root={root}", "disable", *to_disable])
+    run(["systemctl", f"--root={root}", "enable", *ENABLE])
+    left = [u for u in enabled_units(root) if any(fnmatch.fnmatch(u, p) for p in DISABLE)]
+    if left:
+        raise RuntimeError(f"units still enabled after disabling them: {left}")
+
+
+def enabled_units(root: Path) -> list[str]:
+    proc = run(
+        ["systemctl", f"--root={root}", "list-unit-files", "--state=enabled", "--no-legend"]
+    )
+    return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+
+
+def write_boot_config(ctx: BuildContext, root: Path) -> None:
+    """fstab and GRUB's menu, by the filesystem ids stage 2 gives the partitions.
+
+    The menu boots /vmlinuz and /initrd.img, symlinks the kernel package keeps
+    current, so a kernel upgrade on a node needs no grub.cfg regeneration.
+    """
+    (root / "boot/efi").mkdir(parents=True, exist_ok=True)
+    (root / "etc/fstab").write_text(
+        f"UUID={ctx.root_uuid}\t/\text4\trw,errors=remount-ro\t0 1\n"
+        f"UUID={ctx.esp_uuid}\t/boot/efi\tvfat\tumask=0077,nofail\t0 2\n"
+    )
+    grub = root / "boot/grub"
+    grub.mkdir(parents=True, exist_ok=True)
+    # Modules next to grub.cfg, as grub-install would lay them out: the boot
+    # images embed only what finding this directory takes.
+    for platform in ("i386-pc", "x86_64-efi"):
+        shutil.copytree(root / "usr/lib/grub" / platform, grub / platform, dirs_exist_ok=True)
+    (grub / "grub.cfg").write_text(
+        f"""\
+# Written by clusterforge at image build time.
+set timeout=1
+serial --unit=0 --speed=115200
+terminal_input console serial
+terminal_output console serial
+if [ "$grub_platform" = efi ]; then insmod efi_gop; fi
+search --no-floppy --fs-uuid --set=root {ctx.root_uuid}
+menuentry 'clusterforge (Debian 12)' {{
+    linux /vmlinuz root=UUID={ctx.root_uuid} ro {ctx.kernel_cmdline}
+    initrd /initrd.img
+}}
+"""
+    )
+    # For whoever runs update-grub on a node later: same console settings.
+    (root / "etc/default/grub").write_text(
+        f'GRUB_TIMEOUT=1\nGRUB_CMDLINE_LINUX="{ctx.kernel_cmdline}"\n'
+        'GRUB_TERMINAL="console serial"\n'
+        'GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"\n'
+    )
+
+
+def install_package(ctx: BuildContext, root: Path) -> None:
+    """The agent runs from the image's own python3 (stdlib + yaml), not a venv."""
+    dest = root / "usr/lib/python3/dist-packages/clusterforge"
+    shutil.copytree(
+        ctx.package_src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    run(["chroot", root, "python3", "-B", "-c", "import clusterforge.log, clusterforge.run"])
+
+
+def tree_size(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            st = os.lstat(os.path.join(dirpath, name))
+            total += st.st_blocks * 512
+    return total
