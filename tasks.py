@@ -13,25 +13,25 @@ from clusterforge import render as render_mod
 from clusterforge.cli import render_summary, user_errors
 
 DEFAULT_INVENTORY = "examples/cluster.yaml"
-STATE = Path("state")
 HELP = {"inventory": "inventory YAML (default examples/cluster.yaml)",
-        "out": "output root (default dist/)", "verbose": "show every command run"}
+        "out": "output root (default dist/)", "verbose": "show every command run",
+        "state": "where cluster secrets are kept (default state/)"}
 
 
 @task(help=HELP)
 @user_errors
-def render(c, inventory=DEFAULT_INVENTORY, out="dist", verbose=False):
+def render(c, inventory=DEFAULT_INVENTORY, out="dist", state="state", verbose=False):
     """Render every node's seed, autoinstall and iPXE script, and the dnsmasq config."""
     cluster = inventory_mod.load(inventory)
-    target = render_mod.render(cluster, Path(out), STATE)
+    target = render_mod.render(cluster, Path(out), Path(state))
     print(render_summary(cluster, target))
 
 
 @task(help=HELP)
 @user_errors
-def demo(c, inventory=DEFAULT_INVENTORY, out="dist", verbose=False):
+def demo(c, inventory=DEFAULT_INVENTORY, out="dist", state="state", verbose=False):
     """The main job on the example inventory: render it and summarise what was produced."""
-    render(c, inventory=inventory, out=out, verbose=verbose)
+    render(c, inventory=inventory, out=out, state=state, verbose=verbose)
 
 
 @task(help={"fast": "unit tests only", "k": "only tests matching this expression"})

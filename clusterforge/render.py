@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -106,24 +107,41 @@ def render(cluster: Cluster, out_root: Path, state_root: Path,
     with atomic_path(final) as tmp:
         tmp.mkdir()
         (tmp / "inventory.json").write_text(cluster.to_json())
-        cluster_json = _cluster_facts(cluster, secrets)
-        for node in cluster.nodes:
-            _render_node(tmp / "nodes" / node.name, cluster, node, secrets, cluster_json, site)
+        facts = _Facts(cluster, secrets)
+        for index, node in enumerate(cluster.nodes):
+            _render_node(tmp / "nodes" / node.name, final / "nodes" / node.name, cluster, node,
+                         secrets, facts.for_node(index), site)
         _render_pxe(tmp / "pxe", cluster, site)
     return final
 
 
-def _cluster_facts(cluster: Cluster, secrets: secrets_mod.ClusterSecrets) -> str:
-    """The resolved inventory plus generated public facts every node needs."""
-    facts = cluster.to_dict()
-    facts["generated"] = {
-        "ceph_fsid": secrets.ceph_fsid,
-        "wireguard_public_keys": {name: s.wireguard_public for name, s in secrets.nodes.items()},
-    }
-    return json.dumps(facts, indent=2) + "\n"
+class _Facts:
+    """What a node's seed says about the cluster: the resolved inventory and generated public
+    facts. Core nodes, which seed etcd, get every node; the others get the core nodes and
+    themselves, so a seed stays small however large the cluster (the rest comes from etcd)."""
+
+    def __init__(self, cluster: Cluster, secrets: secrets_mod.ClusterSecrets):
+        self.base = cluster.to_dict()
+        self.nodes = self.base.pop("nodes")
+        self.core = [i for i, n in enumerate(cluster.nodes) if n.has(Role.CORE)]
+        self.cluster = cluster
+        self.secrets = secrets
+
+    def for_node(self, index: int) -> str:
+        if self.cluster.nodes[index].has(Role.CORE):
+            chosen = list(range(len(self.nodes)))
+        else:
+            chosen = sorted({*self.core, index})
+        nodes = [self.nodes[i] for i in chosen]
+        facts = {**self.base, "nodes": nodes, "generated": {
+            "ceph_fsid": self.secrets.ceph_fsid,
+            "wireguard_public_keys": {n["name"]: self.secrets.nodes[n["name"]].wireguard_public
+                                      for n in nodes},
+        }}
+        return json.dumps(facts, indent=2) + "\n"
 
 
-def _render_node(directory: Path, cluster: Cluster, node: Node,
+def _render_node(directory: Path, previous: Path, cluster: Cluster, node: Node,
                  secrets: secrets_mod.ClusterSecrets, cluster_json: str, site: Site) -> None:
     directory.mkdir(parents=True)
     ssh_keys = [*cluster.ssh_authorized_keys, secrets.operator_ssh_public]
@@ -140,8 +158,7 @@ def _render_node(directory: Path, cluster: Cluster, node: Node,
         path = directory / name
         path.write_text(text)
         path.chmod(0o600 if name == "user-data" else 0o644)  # user-data holds private keys
-    write_seed_iso(directory / "seed.iso", {k: v.encode() for k, v in files.items()})
-    (directory / "seed.iso").chmod(0o600)
+    _seed_iso(directory, previous, {k: v.encode() for k, v in files.items()})
     autoinstall = render_template(
         "autoinstall.yaml.j2", **context, user_data=files["user-data"],
         network_config=files["network-config"], packages=service_packages(cluster),
@@ -149,6 +166,21 @@ def _render_node(directory: Path, cluster: Cluster, node: Node,
         agent_url=f"{site.base_url}/images/clusterforge-agent.tar.gz")
     (directory / "autoinstall.yaml").write_text(autoinstall)
     (directory / "autoinstall.yaml").chmod(0o600)
+
+
+def _seed_iso(directory: Path, previous: Path, files: dict[str, bytes]) -> None:
+    """Build the node's seed ISO, or reuse the previous render's when its files are unchanged
+    (the ISO is a pure function of them; building one costs about a millisecond)."""
+    target = directory / "seed.iso"
+    try:
+        unchanged = all((previous / name).read_bytes() == data for name, data in files.items())
+        if unchanged:
+            os.link(previous / "seed.iso", target)
+            return
+    except OSError:
+        pass
+    write_seed_iso(target, files)
+    target.chmod(0o600)
 
 
 def _render_pxe(directory: Path, cluster: Cluster, site: Site) -> None:

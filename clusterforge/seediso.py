@@ -7,7 +7,7 @@ one render to the next, so the clock it sees is frozen while it builds.
 from __future__ import annotations
 
 import io
-import time
+import time as systime
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,15 +31,15 @@ class _FrozenTime(types.ModuleType):
         super().__init__("time")
 
     def __getattr__(self, name: str) -> object:
-        return getattr(time, name)
+        return getattr(systime, name)
 
     @staticmethod
     def time() -> float:
         return float(SEED_EPOCH)
 
     @staticmethod
-    def localtime(secs: float | None = None) -> time.struct_time:
-        return time.gmtime(SEED_EPOCH if secs is None else secs)
+    def localtime(secs: float | None = None) -> systime.struct_time:
+        return systime.gmtime(SEED_EPOCH if secs is None else secs)
 
 
 @contextmanager
