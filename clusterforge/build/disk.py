@@ -111,9 +111,7 @@ def make_disk(ctx: BuildContext, disk: Path, work: Path) -> None:
 
     early = work / "early.cfg"
     # Search by UUID, not (hd0,gpt3): the disk is not always the first one.
-    early.write_text(
-        f"search --no-floppy --fs-uuid --set=root {ctx.root_uuid}\nset prefix=($root)/boot/grub\n"
-    )
+    early.write_text(f"search --no-floppy --fs-uuid --set=root {ctx.root_uuid}\nset prefix=($root)/boot/grub\n")
     efi = work / "BOOTX64.EFI"
     core = work / "core.img"
     mkimage(rootfs, "x86_64-efi", early, efi)

@@ -31,6 +31,8 @@ DISABLE = [
     "rbdmap.service",
     "keepalived.service",
     "dnsmasq*.service",
+    # ceph-osd pulls in smartmontools for smartctl; smartd fails on virtual disks.
+    "smartmontools.service",
     # Nodes have no route to a Debian mirror; don't wake up to fail at it.
     "apt-daily*.timer",
 ]
@@ -72,10 +74,15 @@ DHCP=yes
 RequiredForOnline=no
 """
 
-# Only the datasources clusterforge seeds use: ds-identify then disables cloud-init
-# quickly when there is no seed instead of probing cloud metadata services.
+# Only datasources found locally (NoCloud: seed ISO, ds=nocloud on the kernel
+# command line; ConfigDrive: a config-2 label), so nothing probes cloud metadata
+# services. Two of them because ds-identify skips detection and enables cloud-init
+# (with DataSourceNone: ~30 s of TCG boot, new SSH keys) for a list of one + None;
+# with two it disables cloud-init when neither is present.
+# C.UTF-8 is built into libc; the default en_US.UTF-8 is not generated here.
 CLOUD_CFG = """\
-datasource_list: [NoCloud, None]
+datasource_list: [NoCloud, ConfigDrive, None]
+locale: C.UTF-8
 system_info:
   network:
     renderers: [networkd]
@@ -270,9 +277,7 @@ def set_units(root: Path) -> None:
 
 
 def enabled_units(root: Path) -> list[str]:
-    proc = run(
-        ["systemctl", f"--root={root}", "list-unit-files", "--state=enabled", "--no-legend"]
-    )
+    proc = run(["systemctl", f"--root={root}", "list-unit-files", "--state=enabled", "--no-legend"])
     return [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
 
 
@@ -319,9 +324,7 @@ menuentry 'clusterforge (Debian 12)' {{
 def install_package(ctx: BuildContext, root: Path) -> None:
     """The agent runs from the image's own python3 (stdlib + yaml), not a venv."""
     dest = root / "usr/lib/python3/dist-packages/clusterforge"
-    shutil.copytree(
-        ctx.package_src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-    )
+    shutil.copytree(ctx.package_src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     run(["chroot", root, "python3", "-B", "-c", "import clusterforge.log, clusterforge.run"])
 
 

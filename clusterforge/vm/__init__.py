@@ -1,0 +1,2 @@
+"""QEMU machines over QMP, consoles, cluster networks."""
+
