@@ -1,35 +1,42 @@
-"""clusterforge tasks: `./forge <task>` (or `invoke <task>` inside .venv)."""
+"""clusterforge tasks: `./forge <task>` (or `invoke <task>` inside .venv). Argument handling only."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
-from invoke import task
+from invoke import Collection, task
 
-from clusterforge import inventory as inventory_mod
+from clusterforge import cli
 from clusterforge import render as render_mod
-from clusterforge.cli import render_summary, user_errors
+from clusterforge.cli import user_errors
 
-DEFAULT_INVENTORY = "examples/cluster.yaml"
+INVENTORY = "examples/cluster.yaml"
 HELP = {"inventory": "inventory YAML (default examples/cluster.yaml)",
         "out": "output root (default dist/)", "verbose": "show every command run",
-        "state": "where cluster secrets are kept (default state/)"}
+        "state": "where cluster secrets are kept (default state/)", "node": "the node's name",
+        "cmd": "command to run instead of a shell", "boot": "disk (default) or pxe",
+        "timeout": "seconds to wait for guests to power off"}
 
 
-@task(help=HELP)
+def opts(*names: str) -> dict[str, str]:
+    return {name: HELP[name] for name in names}
+
+
+@task(help=opts("inventory", "out", "state", "verbose"))
 @user_errors
-def render(c, inventory=DEFAULT_INVENTORY, out="dist", state="state", verbose=False):
+def render(c, inventory=INVENTORY, out="dist", state="state", verbose=False):
     """Render every node's seed, autoinstall and iPXE script, and the dnsmasq config."""
-    cluster = inventory_mod.load(inventory)
+    cluster = cli.load(inventory)
     target = render_mod.render(cluster, Path(out), Path(state))
-    print(render_summary(cluster, target))
+    print(cli.render_summary(cluster, target))
 
 
-@task(help=HELP)
+@task(help=opts("inventory", "out", "state", "verbose"))
 @user_errors
-def demo(c, inventory=DEFAULT_INVENTORY, out="dist", state="state", verbose=False):
+def demo(c, inventory=INVENTORY, out="dist", state="state", verbose=False):
     """The main job on the example inventory: render it and summarise what was produced."""
     render(c, inventory=inventory, out=out, state=state, verbose=verbose)
 
@@ -41,3 +48,100 @@ def test(c, fast=False, k=""):
     if k:
         args += ["-k", k]
     os.execv(sys.executable, args)
+
+
+# ---------------------------------------------------------------- cluster.*
+
+@task(help=opts("inventory", "boot", "verbose"))
+@user_errors
+def up(c, inventory=INVENTORY, boot="disk", verbose=False):
+    """Boot the inventory as a QEMU cluster and wait until every node answers SSH."""
+    timeline = cli.cluster_vms(inventory, boot=boot).up()
+    print(json.dumps(timeline, indent=2))
+
+
+@task(help=opts("inventory", "verbose"))
+@user_errors
+def status(c, inventory=INVENTORY, verbose=False):
+    """Each VM's run state (from QMP), uptime and the boot phase it reached."""
+    for row in cli.cluster_vms(inventory).status():
+        uptime = f"{row['uptime']}s" if row["uptime"] is not None else "-"
+        print(f"{row['node']:<8} {row['ip']:<15} {row['state']:<10} up {uptime:<8} phase {row['phase'] or '-'}")
+
+
+@task(help=opts("node", "cmd", "inventory", "verbose"))
+@user_errors
+def ssh(c, node, cmd="", inventory=INVENTORY, verbose=False):
+    """SSH to a node (with clusterforge's key), or run CMD there."""
+    vms = cli.cluster_vms(inventory)
+    target = vms.ssh(vms.nodes([node])[0])
+    os.execv(target.argv(cmd)[0], target.argv(cmd, tty=not cmd))
+
+
+@task(help=opts("node", "inventory", "verbose"))
+@user_errors
+def console(c, node, inventory=INVENTORY, verbose=False):
+    """Attach to a node's serial console (Ctrl-] leaves)."""
+    vms = cli.cluster_vms(inventory)
+    cli.attach_console(vms.machine(vms.nodes([node])[0]).console_socket)
+
+
+@task(help=opts("inventory", "timeout", "verbose"))
+@user_errors
+def down(c, inventory=INVENTORY, timeout=120, verbose=False):
+    """Power every node off (ACPI, then quit); nothing is left running."""
+    cli.cluster_vms(inventory).down(timeout=float(timeout))
+
+
+@task(help=opts("inventory", "verbose"))
+@user_errors
+def destroy(c, inventory=INVENTORY, verbose=False):
+    """Power off and delete the cluster's disks and run directory."""
+    cli.cluster_vms(inventory).destroy()
+
+
+@task(name="kill", help=opts("node", "inventory", "verbose"))
+@user_errors
+def kill_(c, node, inventory=INVENTORY, verbose=False):
+    """Hard power-off one node."""
+    cli.cluster_vms(inventory).kill(node)
+
+
+@task(help=opts("node", "inventory", "verbose"))
+@user_errors
+def start(c, node, inventory=INVENTORY, verbose=False):
+    """Start one node again and wait until it answers SSH."""
+    cli.cluster_vms(inventory).start(node)
+
+
+@task(help=opts("node", "inventory", "verbose"))
+@user_errors
+def partition(c, node, inventory=INVENTORY, verbose=False):
+    """Cut a node off the network (link down)."""
+    cli.cluster_vms(inventory).set_link(node, up=False)
+
+
+@task(help=opts("node", "inventory", "verbose"))
+@user_errors
+def heal(c, node, inventory=INVENTORY, verbose=False):
+    """Reconnect a node (link up)."""
+    cli.cluster_vms(inventory).set_link(node, up=True)
+
+
+@task(help=opts("inventory", "verbose"))
+@user_errors
+def pause(c, inventory=INVENTORY, verbose=False):
+    """Freeze every node (QMP stop)."""
+    cli.cluster_vms(inventory).pause(True)
+
+
+@task(help=opts("inventory", "verbose"))
+@user_errors
+def resume(c, inventory=INVENTORY, verbose=False):
+    """Thaw every node (QMP cont)."""
+    cli.cluster_vms(inventory).pause(False)
+
+
+namespace = Collection(render, demo, test)
+namespace.add_collection(Collection("cluster", up, status, ssh, console, down, destroy, kill_, start,
+                                    partition, heal, pause, resume))

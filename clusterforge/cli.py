@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import inventory, render
 from .inventory import Cluster
 from .log import UserError, human_bytes, set_verbose
 from .run import CommandError
+
+if TYPE_CHECKING:
+    from .vm.cluster import ClusterVMs
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,6 +36,62 @@ def user_errors(task: F) -> F:
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+DIST = Path("dist")
+STATE = Path("state")
+RUNS = Path("runs")
+IMAGE = DIST / "images" / f"{render.IMAGE_NAME}.qcow2"
+
+
+def load(path: str) -> Cluster:
+    return inventory.load(path)
+
+
+def cluster_vms(inventory_path: str, boot: str = "disk") -> ClusterVMs:
+    """The inventory's QEMU cluster, with its seeds freshly rendered (rendering is idempotent)."""
+    from .vm.cluster import ClusterVMs
+
+    if boot not in ("disk", "pxe"):
+        raise UserError(f"--boot must be disk or pxe, not '{boot}'")
+    cluster = load(inventory_path)
+    seeds = render.render(cluster, DIST, STATE)
+    return ClusterVMs(cluster, IMAGE, seeds, STATE, RUNS, boot=boot)
+
+
+def attach_console(socket_path: Path) -> None:
+    """Relay the terminal to a serial console socket until Ctrl-] is typed."""
+    import select
+    import socket
+    import termios
+    import tty
+
+    if not socket_path.exists():
+        raise UserError(f"no console at {socket_path}", hint="is the node running? ./forge cluster.status")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(socket_path))
+    stdin = sys.stdin.fileno()
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    print("connected; Ctrl-] leaves", file=sys.stderr)
+    try:
+        if saved is not None:
+            tty.setraw(stdin)
+        while True:
+            ready, _, _ = select.select([sock, stdin], [], [])
+            if sock in ready:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                os.write(sys.stdout.fileno(), data)
+            if stdin in ready:
+                data = os.read(stdin, 1024)
+                if not data or b"\x1d" in data:
+                    break
+                sock.sendall(data)
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        sock.close()
 
 
 def render_summary(cluster: Cluster, out: Path) -> str:

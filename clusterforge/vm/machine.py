@@ -8,9 +8,11 @@ sleeps. Every failure names the machine's log files.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -83,6 +85,8 @@ class Machine:
         self.qemu_log = self.dir / "qemu.log"
         self.qmp_log = self.dir / "qmp.log"
         self.console_socket = self.dir / "console.sock"
+        self.qmp_socket = self.dir / "qmp.sock"
+        self.pidfile = self.dir / "qemu.pid"
         self.timeline = Timeline()
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: QEMUMonitorProtocol | None = None
@@ -95,8 +99,8 @@ class Machine:
         argv = [which("qemu-system-x86_64"), "-name", s.name, *self.accel.args,
                 "-machine", "q35", "-m", str(s.memory_mb), "-smp", str(s.cpus),
                 "-nodefaults", "-display", "none", "-no-user-config",
-                "-chardev", f"socket,id=mon,path={self.dir / 'qmp.sock'}",
-                "-mon", "chardev=mon,mode=control",
+                "-chardev", f"socket,id=mon,path={self.qmp_socket},server=on,wait=off",
+                "-mon", "chardev=mon,mode=control", "-pidfile", str(self.pidfile),
                 "-chardev", f"socket,id=con,path={self.console_socket},server=on,wait=off,"
                             f"logfile={self.console_log},logappend=on",
                 "-serial", "chardev:con",
@@ -130,24 +134,71 @@ class Machine:
 
     def start(self) -> Machine:
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in (self.dir / "qmp.sock", self.console_socket):
+        for stale in (self.qmp_socket, self.console_socket, self.pidfile):
             stale.unlink(missing_ok=True)
         argv = self.argv()
         (self.dir / "qemu.cmdline").write_text(shlex.join(argv) + "\n")
-        qmp = QEMUMonitorProtocol(str(self.dir / "qmp.sock"), server=True)
         self._console_offset = self.console_log.stat().st_size if self.console_log.exists() else 0
         with open(self.qemu_log, "ab") as log:
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True)
         self.timeline = Timeline()
-        try:
-            qmp.accept(timeout=30)
-        except Exception as exc:
-            self.kill()
-            raise self.error(f"QEMU did not connect to QMP ({exc})") from None
-        self._qmp = qmp
+        self._connect(timeout=30)
         self.timeline.mark("qemu")
         return self
+
+    def attach(self) -> Machine:
+        """Connect to a machine a previous command started (QEMU outlives the command)."""
+        if self.pid() is None:
+            raise self.error("not running")
+        self._connect(timeout=10)
+        return self
+
+    def _connect(self, timeout: float) -> None:
+        # QEMU is the QMP server, so any later command can connect to a running machine.
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.qmp_socket.exists():
+                qmp = QEMUMonitorProtocol(str(self.qmp_socket))
+                try:
+                    qmp.connect()
+                    self._qmp = qmp
+                    return
+                except Exception as exc:  # noqa: BLE001 - not listening yet, or busy
+                    last = exc
+                    qmp.close()
+            else:
+                last = FileNotFoundError(self.qmp_socket)
+            if self._proc is not None and self._proc.poll() is not None:
+                raise self.error(f"QEMU exited with status {self._proc.returncode} before QMP was up")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise self.error(f"QMP did not answer within {timeout:.0f}s ({last})")
+            time.sleep(0.1)  # the socket appears once QEMU has parsed its options
+
+    def close(self) -> None:
+        """Disconnect, leaving the machine running."""
+        if self._qmp is not None:
+            try:
+                self._qmp.close()
+            except Exception:  # noqa: BLE001 - closing a dead monitor may fail in many ways
+                pass
+            self._qmp = None
+
+    def pid(self) -> int | None:
+        """The QEMU process id if it is running."""
+        if self._proc is not None:
+            return self._proc.pid if self._proc.poll() is None else None
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if Path(f"/proc/{pid}").exists() else b""
+        return pid if b"qemu-system" in cmdline else None
 
     def __enter__(self) -> Machine:
         return self.start()
@@ -157,20 +208,20 @@ class Machine:
 
     @property
     def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+        return self.pid() is not None
 
     def kill(self) -> None:
         """Hard power-off; always leaves no QEMU process behind."""
-        if self._qmp is not None:
-            try:
-                self._qmp.close()
-            except Exception:  # noqa: BLE001 - closing a dead monitor may fail in many ways
-                pass
-            self._qmp = None
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.kill()
-            self._proc.wait()
+        self.close()
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            if self._proc is not None:
+                self._proc.wait()
+            else:
+                while Path(f"/proc/{pid}").exists() and self.pid() is not None:
+                    time.sleep(0.05)  # not our child: nothing to wait() on
+        self.pidfile.unlink(missing_ok=True)
         self._write_timeline()
 
     def shutdown(self, timeout: float = 120) -> None:
@@ -185,11 +236,9 @@ class Machine:
         except MachineError:
             pass
         finally:
-            if self._proc is not None:
-                try:
-                    self._proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
+            deadline = time.monotonic() + 10
+            while self.running and time.monotonic() < deadline:
+                time.sleep(0.1)  # QEMU is exiting after quit
             self.kill()
 
     # ------------------------------------------------------------ QMP

@@ -1,0 +1,232 @@
+"""An inventory as a running cluster of QEMU machines.
+
+Each node gets its MAC, its seed ISO, a copy-on-write overlay of the built image
+and the data disks its inventory entry names; all share one L2 segment (see
+network.ClusterNet). QEMU outlives the command that started it: every command
+finds the machines again through their run directory, runs/<cluster>/<node>/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..inventory import Cluster, Node
+from ..log import die, info
+from ..run import run
+from ..ssh import Target
+from .accel import Accel, choose
+from .machine import Drive, Machine, MachineError, MachineSpec, Nic, boot_phases
+from .network import ClusterNet
+
+DATA_DISK_SIZE = "12G"  # Ceph wants >= 5 GB per OSD; ceph-volume is happier with more
+BOOT_TIMEOUT = 900.0
+
+
+@dataclass(frozen=True)
+class Sizing:
+    memory_mb: int
+    cpus: int
+
+
+def size_for(nodes: int, accel: Accel) -> Sizing:
+    """Share the host between the nodes: half its memory, its cores (at least one each)."""
+    total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    cores = os.cpu_count() or 1
+    memory = max(1024, min(4096, total_mb // 2 // max(nodes, 1)))
+    cpus = max(1, min(4 if accel.is_kvm else 2, cores // max(nodes, 1)))
+    return Sizing(memory, cpus)
+
+
+class ClusterVMs:
+    def __init__(self, cluster: Cluster, image: Path, seeds: Path, state: Path, runs: Path,
+                 boot: str = "disk"):
+        self.cluster = cluster
+        self.image = image
+        self.seeds = seeds  # the rendered <out>/<cluster>/ directory
+        self.ssh_key = state / cluster.name / "ssh" / "id_ed25519"
+        self.dir = runs / cluster.name
+        self.boot = boot
+        self.net = ClusterNet(cluster.name, cluster.network.subnet, cluster.network.gateway)
+        self._accel: Accel | None = None
+        self._machines: dict[str, Machine] = {}
+
+    @property
+    def accel(self) -> Accel:
+        if self._accel is None:
+            self._accel = choose()
+        return self._accel
+
+    # ------------------------------------------------------------ machines
+
+    def spec(self, node: Node) -> MachineSpec:
+        sizing = size_for(len(self.cluster.nodes), self.accel)
+        node_dir = self.dir / node.name
+        drives = [Drive(node_dir / "root.qcow2", bootindex=1 if self.boot == "disk" else 2)]
+        drives += [Drive(node_dir / f"data-{Path(d).name}.qcow2") for d in node.disks]
+        drives += [Drive(self.seeds / "nodes" / node.name / "seed.iso", format="raw", media="cdrom")]
+        nic = Nic(node.mac, self.net.netdev(node.name), bootindex=1 if self.boot == "pxe" else None)
+        return MachineSpec(name=node.name, memory_mb=sizing.memory_mb, cpus=sizing.cpus,
+                           drives=tuple(drives), nics=(nic,), netns=self.net.netns)
+
+    def machine(self, node: Node) -> Machine:
+        if node.name not in self._machines:
+            self._machines[node.name] = Machine(self.spec(node), self.dir, self.accel)
+        return self._machines[node.name]
+
+    def nodes(self, names: Iterable[str] | None = None) -> list[Node]:
+        if names is None:
+            return list(self.cluster.nodes)
+        known = {n.name: n for n in self.cluster.nodes}
+        for name in names:
+            if name not in known:
+                die(f"no node named '{name}' in cluster {self.cluster.name}",
+                    hint="nodes: " + ", ".join(known))
+        return [known[name] for name in names]
+
+    def ssh(self, node: Node) -> Target:
+        return Target(str(node.ip), self.ssh_key, netns=self.net.netns)
+
+    def _prepare_disks(self, node: Node) -> None:
+        node_dir = self.dir / node.name
+        node_dir.mkdir(parents=True, exist_ok=True)
+        root = node_dir / "root.qcow2"
+        if not root.exists():
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(self.image.resolve()),
+                 str(root)])
+        for disk in node.disks:
+            data = node_dir / f"data-{Path(disk).name}.qcow2"
+            if not data.exists():
+                run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), DATA_DISK_SIZE])
+
+    # ------------------------------------------------------------ tasks
+
+    def up(self, names: Iterable[str] | None = None, timeout: float = BOOT_TIMEOUT) -> dict[str, dict[str, float]]:
+        """Start the nodes that are not running and wait until each answers SSH with its seed applied."""
+        if not self.image.exists():
+            die(f"image not found: {self.image}", hint="build it with ./forge image")
+        nodes = self.nodes(names)
+        self.net.create([n.name for n in self.cluster.nodes])
+        started = []
+        for node in nodes:
+            m = self.machine(node)
+            if m.running:
+                info(f"{node.name}: already running")
+                continue
+            self._prepare_disks(node)
+            m.start()
+            started.append(node)
+            info(f"{node.name}: started ({self.accel.name}, {m.spec.cpus} vCPU, {m.spec.memory_mb} MiB)")
+        self.wait_ready(started, timeout)
+        timeline = {n.name: self.machine(n).timeline.phases for n in started}
+        self._record_timeline(timeline)
+        for node in started:
+            self.machine(node).close()
+        return timeline
+
+    def wait_ready(self, nodes: list[Node], timeout: float) -> None:
+        """Watch every node's console for the boot phases, then SSH: hostname and cloud-init done."""
+        deadline = time.monotonic() + timeout
+        pending = {n.name: list(boot_phases()) for n in nodes}
+        while any(pending.values()):
+            for node in nodes:
+                m = self.machine(node)
+                phases = pending[node.name]
+                text = m.console_text()
+                while phases and _search(phases[0][1], text):
+                    m.timeline.mark(phases.pop(0)[0])
+                if phases and phases[0][0] == "seed" and "multi-user" in m.timeline.phases:
+                    phases.pop(0)  # the console may go quiet once the serial getty starts: ask over SSH
+                if not m.running:
+                    raise m.error("QEMU exited during boot")
+            if time.monotonic() > deadline:
+                stuck = [f"{name} (waiting for {p[0][0]})" for name, p in pending.items() if p]
+                raise MachineError(f"boot timed out after {timeout:.0f}s: {', '.join(stuck)}; "
+                                   f"logs in {self.dir}/<node>/")
+            time.sleep(0.5)  # consoles are log files: poll them
+        for node in nodes:
+            m = self.machine(node)
+            target = self.ssh(node)
+            target.wait(max(30.0, deadline - time.monotonic()))
+            out = target.run("cloud-init status --wait >/dev/null; hostname", timeout=600).stdout.strip()
+            if out != node.name:
+                raise m.error(f"hostname is '{out}', expected '{node.name}': the seed was not applied")
+            m.timeline.mark("seed")
+            m.timeline.mark("ssh")
+            info(f"{node.name}: ready at {node.ip} after {m.timeline.phases['ssh']:.0f}s")
+
+    def _record_timeline(self, timeline: dict[str, dict[str, float]]) -> None:
+        path = self.dir / "timeline.json"
+        old = json.loads(path.read_text()) if path.exists() else {}
+        old.update(timeline)
+        path.write_text(json.dumps(old, indent=2) + "\n")
+
+    def status(self) -> list[dict[str, object]]:
+        rows = []
+        for node in self.cluster.nodes:
+            m = self.machine(node)
+            row: dict[str, object] = {"node": node.name, "ip": str(node.ip), "state": "off",
+                                      "uptime": None, "phase": None}
+            pid = m.pid()
+            if pid is not None:
+                try:
+                    m.attach()
+                    row["state"] = m.status()
+                finally:
+                    m.close()
+                row["uptime"] = round(time.time() - Path(f"/proc/{pid}").stat().st_mtime)
+            text = m.console_log.read_text(errors="replace") if m.console_log.exists() else ""
+            reached = [name for name, pattern in boot_phases() if _search(pattern, text)]
+            row["phase"] = reached[-1] if reached else None
+            rows.append(row)
+        return rows
+
+    def down(self, timeout: float = 120) -> None:
+        """ACPI power-off for every node at once, then quit; kill what ignores it. Nothing stays."""
+        running = [n for n in self.cluster.nodes if self.machine(n).running]
+        for node in running:
+            m = self.machine(node)
+            m.attach()
+            m.qmp("system_powerdown")
+        deadline = time.monotonic() + timeout
+        while any(self.machine(n).running for n in running) and time.monotonic() < deadline:
+            time.sleep(0.5)  # guests shutting down: QEMU exits when they power off
+        for node in running:
+            self.machine(node).kill()
+        self.net.destroy()
+
+    def destroy(self) -> None:
+        self.down(timeout=30)
+        run(["rm", "-rf", "--one-file-system", str(self.dir)])
+
+    def kill(self, name: str) -> None:
+        self.machine(self.nodes([name])[0]).kill()
+
+    def start(self, name: str, timeout: float = BOOT_TIMEOUT) -> None:
+        self.up([name], timeout)
+
+    def set_link(self, name: str, up: bool) -> None:
+        m = self.machine(self.nodes([name])[0]).attach()
+        try:
+            m.set_link(up)
+        finally:
+            m.close()
+
+    def pause(self, pause: bool) -> None:
+        for node in self.cluster.nodes:
+            m = self.machine(node)
+            if m.running:
+                m.attach()
+                try:
+                    m.qmp("stop" if pause else "cont")
+                finally:
+                    m.close()
+
+
+def _search(pattern: str, text: str) -> bool:
+    return re.search(pattern, text, re.MULTILINE) is not None
