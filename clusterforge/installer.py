@@ -1,0 +1,263 @@
+"""The bare-metal installer: runs in the live system booted from the ISO, the USB stick
+or PXE (kernel command line `clusterforge.mode=install`).
+
+It finds this machine's seed by MAC address, chooses the target disk by a fixed rule,
+writes the image, puts the seed into the installed system and reboots into it. An
+unknown MAC writes nothing and says so on the console.
+
+Runs with the image's own Python: standard library only.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+MEDIUM = Path("/run/live/medium")  # where live-boot mounts the ISO or USB stick
+SEED_FILES = ("user-data", "meta-data", "network-config")
+SEED_DIR = "var/lib/cloud/seed/nocloud"
+MIN_DISK = 4 * 1024**3
+CHUNK = 4 * 1024**2
+ROOT_PARTITION = 3
+
+
+class InstallError(Exception):
+    pass
+
+
+def say(message: str) -> None:
+    """To the journal (stdout) and to every console a person might be looking at."""
+    print(message, flush=True)
+    for console in ("/dev/console", "/dev/ttyS0"):
+        try:
+            with open(console, "w") as f:
+                f.write(f"clusterforge-installer: {message}\r\n")
+        except OSError:
+            pass
+
+
+def kernel_args(cmdline: str) -> dict[str, str]:
+    args = {}
+    for word in cmdline.split():
+        key, _, value = word.partition("=")
+        if key.startswith("clusterforge."):
+            args[key.removeprefix("clusterforge.")] = value
+    return args
+
+
+def local_macs() -> list[str]:
+    macs = []
+    for dev in sorted(Path("/sys/class/net").iterdir()):
+        if (dev / "device").exists():  # physical NICs only
+            macs.append((dev / "address").read_text().strip().lower())
+    return macs
+
+
+# ------------------------------------------------------------------ sources
+
+def _open(location: str, attempts: int = 30) -> IO[bytes]:
+    if not location.startswith(("http://", "https://")):
+        return open(location, "rb")
+    for attempt in range(attempts):
+        try:
+            return urllib.request.urlopen(location, timeout=60)  # noqa: S310 - the boot server's URL
+        except urllib.error.HTTPError:
+            raise  # the server answered: retrying will not change its mind
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(2)  # the network may still be coming up after the switch to the live root
+    raise AssertionError("unreachable")
+
+
+def read_seed(location: str) -> dict[str, bytes] | None:
+    """The seed files in a directory or under a URL; None if it has none."""
+    try:
+        files = {}
+        for name in SEED_FILES:
+            with _open(f"{location.rstrip('/')}/{name}") as f:
+                files[name] = f.read()
+        return files
+    except OSError:
+        return None
+
+
+def find_seed(macs: list[str], seeds: str) -> tuple[str, dict[str, bytes]] | None:
+    """The seed of the first local MAC the seed store knows (seeds/<aa-bb-..>/): (mac, files)."""
+    for mac in macs:
+        files = read_seed(f"{seeds.rstrip('/')}/{mac.replace(':', '-')}")
+        if files is not None:
+            return mac, files
+    return None
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    cluster: str
+    name: str
+    disks: list[str]
+
+
+def node_info(user_data: bytes) -> NodeInfo:
+    """Who the seed is for, from the cluster facts it carries."""
+    import yaml  # python3-yaml is in the image
+
+    files = {f["path"]: f.get("content", "") for f in yaml.safe_load(user_data).get("write_files", [])}
+    identity = json.loads(files["/etc/clusterforge/identity.json"])
+    facts = json.loads(files["/etc/clusterforge/cluster.json"])
+    disks: list[str] = next((n["disks"] for n in facts["nodes"] if n["name"] == identity["node"]), [])
+    return NodeInfo(identity["cluster"], identity["node"], list(disks))
+
+
+def copy_image(source: str, target: str) -> int:
+    """Stream the gzip-compressed raw image onto the target disk; returns bytes written.
+    Every block is written, zeros included: a used disk holds old data."""
+    written = 0
+    last_report = time.monotonic()
+    with _open(source) as raw, gzip.open(raw) as image, open(target, "r+b", buffering=0) as disk:
+        while chunk := image.read(CHUNK):
+            disk.write(chunk)
+            written += len(chunk)
+            if time.monotonic() - last_report > 10:
+                say(f"written {written // 2**20} MiB")
+                last_report = time.monotonic()
+        os.fsync(disk.fileno())
+    return written
+
+
+# ------------------------------------------------------------------ disks
+
+@dataclass(frozen=True)
+class Disk:
+    path: str
+    size: int
+    removable: bool
+    readonly: bool
+    transport: str
+
+
+def list_disks() -> list[Disk]:
+    out = subprocess.run(["lsblk", "--json", "--bytes", "--nodeps", "-o", "PATH,SIZE,RM,RO,TYPE,TRAN"],
+                         check=True, capture_output=True, text=True).stdout
+    disks = []
+    for d in json.loads(out)["blockdevices"]:
+        if d["type"] == "disk":
+            disks.append(Disk(d["path"], int(d["size"]), bool(d["rm"]), bool(d["ro"]), d.get("tran") or ""))
+    return disks
+
+
+def boot_device() -> str | None:
+    """The whole disk the live system was booted from (the ISO's CD or the USB stick)."""
+    proc = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(MEDIUM)], capture_output=True, text=True)
+    source = proc.stdout.strip()
+    if not source:
+        return None
+    parent = subprocess.run(["lsblk", "-n", "-d", "-o", "PKNAME", source], capture_output=True, text=True)
+    name = parent.stdout.strip()
+    return f"/dev/{name}" if name else source
+
+
+def choose_target(disks: list[Disk], boot: str | None, reserved: list[str], image_size: int) -> Disk:
+    """The rule: the first disk, by name, that is not the boot device, not removable, not
+    read-only, not one the inventory reserves for Ceph, and large enough for the image."""
+    reserved_real = {os.path.realpath(r) for r in reserved}
+    candidates = [d for d in sorted(disks, key=lambda d: d.path)
+                  if d.path != boot and not d.removable and not d.readonly
+                  and os.path.realpath(d.path) not in reserved_real
+                  and d.size >= max(image_size, MIN_DISK)]
+    if not candidates:
+        described = ", ".join(f"{d.path} ({d.size // 2**30} GiB{' removable' if d.removable else ''})"
+                              for d in disks) or "none"
+        raise InstallError(f"no disk to install on (disks: {described}; boot device {boot}; "
+                           f"reserved for Ceph: {', '.join(reserved) or 'none'})")
+    return candidates[0]
+
+
+@contextmanager
+def mounted(device: str) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="cf-target-") as mountpoint:
+        subprocess.run(["mount", device, mountpoint], check=True)
+        try:
+            yield Path(mountpoint)
+        finally:
+            subprocess.run(["umount", mountpoint], check=True)
+
+
+def partition_path(disk: str, number: int) -> str:
+    # /dev/nvme0n1 -> /dev/nvme0n1p3, /dev/vda -> /dev/vda3
+    return f"{disk}p{number}" if disk[-1].isdigit() else f"{disk}{number}"
+
+
+def install_seed(disk: str, files: dict[str, bytes]) -> None:
+    subprocess.run(["partprobe", disk], check=False)
+    subprocess.run(["udevadm", "settle"], check=False)
+    with mounted(partition_path(disk, ROOT_PARTITION)) as root:
+        seed = root / SEED_DIR
+        seed.mkdir(parents=True, exist_ok=True)
+        os.chmod(seed, 0o700)
+        for name in SEED_FILES:
+            (seed / name).write_bytes(files[name])
+            os.chmod(seed / name, 0o600)
+    subprocess.run(["sync"], check=True)
+
+
+# ------------------------------------------------------------------ main
+
+def install(args: dict[str, str]) -> str:
+    """Install this machine. The seed comes from `clusterforge.seed` (PXE: the node's own seed
+    URL) or from the boot medium's seeds/ by MAC; the image from `clusterforge.image` or the medium."""
+    medium = MEDIUM / "clusterforge"
+    image = args.get("image") or str(medium / "image.raw.gz")
+    macs = local_macs()
+    if "seed" in args:
+        files = read_seed(args["seed"])
+        found = (macs[0] if macs else "?", files) if files is not None else None
+    else:
+        found = find_seed(macs, str(medium / "seeds"))
+    if found is None:
+        raise InstallError(f"this machine ({', '.join(macs) or 'no NIC'}) is not in the inventory: nothing "
+                           "was written. Add its MAC to the inventory, render, and rebuild the installer.")
+    mac, files = found
+    node = node_info(files["user-data"])
+    say(f"machine {mac} is node {node.name} of cluster {node.cluster}")
+    target = choose_target(list_disks(), boot_device(), node.disks, MIN_DISK)
+    say(f"writing the image to {target.path} ({target.size // 2**30} GiB)")
+    start = time.monotonic()
+    copy_image(image, target.path)
+    install_seed(target.path, files)
+    say(f"installed {node.name} on {target.path} in {time.monotonic() - start:.0f}s; rebooting")
+    return node.name
+
+
+def main() -> int:
+    args = kernel_args(Path("/proc/cmdline").read_text())
+    if args.get("mode") != "install":
+        return 0
+    try:
+        install(args)
+    except InstallError as exc:
+        say(f"ERROR: {exc}")
+        issue = Path("/etc/issue.d")
+        issue.mkdir(exist_ok=True)
+        (issue / "clusterforge.issue").write_text(f"\nclusterforge installer: {exc}\n\n")
+        return 1
+    if args.get("reboot", "yes") != "no":
+        subprocess.run(["systemctl", "reboot"], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

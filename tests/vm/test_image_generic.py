@@ -1,0 +1,36 @@
+"""The generic image holds no identity and no secret: those come from each node's seed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clusterforge import inventory
+from clusterforge.build import pipeline
+from clusterforge.build.loop import mounted_root
+
+PRIVATE_MARKERS = (b"PRIVATE KEY-----", b"OPENSSH PRIVATE KEY")
+SEARCHED = ("etc", "root", "home", "var/lib", "usr/share/clusterforge", "opt")
+
+
+def test_image_has_no_identity_or_secret(image: pipeline.Artifacts,
+                                         lab: tuple[inventory.Cluster, Path, Path]) -> None:
+    cluster, _, state = lab
+    cluster_secrets = [(state / cluster.name / name).read_bytes() for name in ("munge.key", "k3s-token")]
+    with mounted_root(image.raw) as root:
+        assert (root / "etc/machine-id").read_text() == ""
+        assert not (root / "var/lib/dbus/machine-id").exists() or (root / "var/lib/dbus/machine-id").is_symlink()
+        assert sorted((root / "etc/ssh").glob("ssh_host_*")) == []
+        assert not (root / "root/.ssh/authorized_keys").exists()
+        assert not (root / "var/lib/cloud/instance").exists()
+        assert not (root / "etc/clusterforge/identity.json").exists()
+        assert list((root / "var/lib/cloud").glob("seed/nocloud*/*")) == []
+        offenders = []
+        for top in SEARCHED:
+            for path in (root / top).rglob("*"):
+                if path.is_file() and not path.is_symlink() and path.stat().st_size < 1 << 20:
+                    data = path.read_bytes()
+                    if any(m in data for m in PRIVATE_MARKERS) or any(s in data for s in cluster_secrets):
+                        offenders.append(str(path.relative_to(root)))
+        assert offenders == []
+        # The agent the seed activates is in the image, importable by the image's own Python.
+        assert (root / "usr/lib/python3/dist-packages/clusterforge/inventory.py").exists()
