@@ -147,7 +147,7 @@ def test_ipxe_scripts(rendered: Path) -> None:
     assert boot.startswith("#!ipxe\n")
     assert "chain --autofree ${cluster}/pxe/mac/${mac:hexhyp}.ipxe || chain --autofree ${cluster}/pxe/menu.ipxe" in boot
     node = (rendered / "pxe/mac/52-54-00-00-00-12.ipxe").read_text()
-    assert "clusterforge.node=s2" in node and "s=${seed}" in node
+    assert "clusterforge.mode=install clusterforge.seed=${seed}" in node
     assert "set seed ${base}/lab/nodes/s2/" in node
 
 

@@ -1,0 +1,72 @@
+"""The installer ISO (and USB image) for one rendered cluster.
+
+A hybrid image made by grub-mkrescue: boots from CD and from a USB stick, BIOS and
+UEFI. It carries the live system (netboot's kernel, initrd and squashfs), the image
+and every node's seed by MAC; booted, the installer writes the image and the seed of
+the machine it runs on (see clusterforge/installer.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..inventory import Cluster
+from ..log import stage
+from ..render import KERNEL_ARGS, render_template
+from ..run import run
+from .context import BuildContext, atomic_path, content_hash, is_fresh, read_stamp, write_stamp
+
+SEED_FILES = ("user-data", "meta-data", "network-config")
+
+
+def _link(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+def build_iso(ctx: BuildContext, cluster: Cluster, rendered: Path, netboot: Path, image_gz: Path) -> Path:
+    out = ctx.out / "images" / f"{ctx.name}.iso"
+    seeds = [rendered / "nodes" / n.name / f for n in cluster.nodes for f in SEED_FILES]
+    grub_cfg = render_template("grub-installer.cfg.j2", cluster=cluster, kernel_args=KERNEL_ARGS)
+    key = content_hash(read_stamp(netboot) or "", read_stamp(image_gz) or "", grub_cfg,
+                       *(p.read_bytes() for p in seeds), Path(__file__))
+    if is_fresh(out, key):
+        return out
+    ctx.cache.mkdir(parents=True, exist_ok=True)
+    with stage(f"installer ISO for cluster {cluster.name}"), \
+            tempfile.TemporaryDirectory(prefix="iso-staging-", dir=ctx.cache) as staging_dir:
+        staging = Path(staging_dir)
+        for name, target in (("vmlinuz", "vmlinuz"), ("initrd.img", "initrd.img"),
+                             ("root.squashfs", "filesystem.squashfs")):
+            _link(netboot / name, staging / "live" / target)
+        _link(image_gz, staging / "clusterforge" / "image.raw.gz")
+        for node in cluster.nodes:
+            for name in SEED_FILES:
+                _link(rendered / "nodes" / node.name / name,
+                      staging / "clusterforge" / "seeds" / node.mac_hyphen / name)
+        (staging / "boot" / "grub").mkdir(parents=True)
+        (staging / "boot" / "grub" / "grub.cfg").write_text(grub_cfg)
+        with atomic_path(out) as tmp:
+            run(["grub-mkrescue", "-o", str(tmp), str(staging), "--", "-volid", "CLUSTERFORGE"])
+            tmp.chmod(0o600)  # it carries every node's private keys
+    write_stamp(out, key)
+    return out
+
+
+def build_usb(ctx: BuildContext, iso: Path) -> Path:
+    """The USB image: the hybrid ISO is a valid disk image; write it to a stick with dd."""
+    out = ctx.out / "images" / f"{ctx.name}-usb.img"
+    key = content_hash(read_stamp(iso) or "")
+    if is_fresh(out, key):
+        return out
+    with atomic_path(out) as tmp:
+        shutil.copyfile(iso, tmp)
+        tmp.chmod(0o600)
+    write_stamp(out, key)
+    return out

@@ -1,0 +1,52 @@
+"""Netboot files from the final image: kernel, initrd (with live-boot) and a squashfs root.
+
+The same three files boot a diskless node (`boot=live fetch=<squashfs URL>`), the PXE
+installer, and (copied onto it) the ISO/USB installer. Also the gzip-compressed raw
+image the installers write to disk.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+from ..log import stage
+from ..run import run
+from .context import BuildContext, atomic_path, content_hash, is_fresh, read_stamp, write_stamp
+from .loop import mounted_root
+
+GZIP_CHUNK = 8 * 1024**2
+
+
+def build_netboot(ctx: BuildContext, raw: Path) -> Path:
+    """dist/images/netboot/{vmlinuz,initrd.img,root.squashfs}, cached on the raw image's key."""
+    out = ctx.out / "images" / "netboot"
+    key = content_hash(read_stamp(raw) or "", Path(__file__))
+    if is_fresh(out, key):
+        return out
+    with stage("netboot: kernel, initrd, squashfs root"), atomic_path(out) as tmp:
+        tmp.mkdir()
+        with mounted_root(raw) as root:
+            shutil.copyfile((root / "vmlinuz").resolve(), tmp / "vmlinuz")
+            shutil.copyfile((root / "initrd.img").resolve(), tmp / "initrd.img")
+            # /etc/fstab names the disk's partitions, which a diskless node has not got;
+            # live-boot writes its own.
+            run(["mksquashfs", str(root), str(tmp / "root.squashfs"), "-comp", "zstd", "-noappend",
+                 "-no-progress", "-quiet", "-e", "etc/fstab", "boot/efi"])
+    write_stamp(out, key)
+    return out
+
+
+def build_image_gz(ctx: BuildContext, raw: Path) -> Path:
+    """dist/images/<name>.raw.gz: what the installers stream onto a disk."""
+    out = ctx.out / "images" / f"{ctx.name}.raw.gz"
+    key = content_hash(read_stamp(raw) or "", "gzip-1")
+    if is_fresh(out, key):
+        return out
+    with stage(f"compress {out.name}"), atomic_path(out) as tmp:
+        with open(raw, "rb") as src, gzip.GzipFile(tmp, "wb", compresslevel=1, mtime=0) as dst:
+            while chunk := src.read(GZIP_CHUNK):
+                dst.write(chunk)
+    write_stamp(out, key)
+    return out
