@@ -41,6 +41,44 @@ def demo(c, inventory=INVENTORY, out="dist", state="state", verbose=False):
     render(c, inventory=inventory, out=out, state=state, verbose=verbose)
 
 
+# ---------------------------------------------------------------- image factory
+
+@task(help=opts("verbose"))
+@user_errors
+def image(c, verbose=False):
+    """Build the generic node image: dist/images/<name>.qcow2 and .raw (no-op when unchanged)."""
+    artifacts = cli.build_image()
+    cli.print_artifacts(artifacts)
+
+
+@task(help=opts("verbose"))
+@user_errors
+def netboot(c, verbose=False):
+    """Build dist/images/netboot/ (kernel, initrd, squashfs root) and the compressed raw image."""
+    cli.print_artifacts(cli.build_netboot())
+
+
+@task(help=opts("inventory", "verbose"))
+@user_errors
+def iso(c, inventory=INVENTORY, verbose=False):
+    """Build the installer ISO for the inventory (BIOS+UEFI, CD or USB stick)."""
+    cli.print_artifacts(cli.build_installers(inventory))
+
+
+@task(help=opts("inventory", "verbose"))
+@user_errors
+def usb(c, inventory=INVENTORY, verbose=False):
+    """Build the USB installer image for the inventory (write it to a stick with dd)."""
+    cli.print_artifacts(cli.build_installers(inventory))
+
+
+@task(help=opts("inventory", "verbose"))
+@user_errors
+def release(c, inventory=INVENTORY, verbose=False):
+    """Build everything and put it with SHA256SUMS and manifest.json into dist/release/<build-id>/."""
+    print(cli.release(inventory))
+
+
 @task(help={"fast": "unit tests only", "k": "only tests matching this expression"})
 def test(c, fast=False, k=""):
     """Run the test suite: unit tests, then the QEMU VM tests (unless --fast)."""
@@ -142,6 +180,6 @@ def resume(c, inventory=INVENTORY, verbose=False):
     cli.cluster_vms(inventory).pause(False)
 
 
-namespace = Collection(render, demo, test)
+namespace = Collection(render, demo, test, image, netboot, iso, usb, release)
 namespace.add_collection(Collection("cluster", up, status, ssh, console, down, destroy, kill_, start,
                                     partition, heal, pause, resume))

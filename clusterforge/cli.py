@@ -15,6 +15,7 @@ from .log import UserError, human_bytes, set_verbose
 from .run import CommandError
 
 if TYPE_CHECKING:
+    from .build.pipeline import Artifacts
     from .vm.cluster import ClusterVMs
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,6 +58,45 @@ def cluster_vms(inventory_path: str, boot: str = "disk") -> ClusterVMs:
     cluster = load(inventory_path)
     seeds = render.render(cluster, DIST, STATE)
     return ClusterVMs(cluster, IMAGE, seeds, STATE, RUNS, boot=boot)
+
+
+def build_image() -> Artifacts:
+    from .build.context import BuildContext
+    from .build.pipeline import build_image
+
+    return build_image(BuildContext.create())
+
+
+def build_netboot() -> Artifacts:
+    from .build.context import BuildContext
+    from .build.pipeline import build_netboot_files
+
+    return build_netboot_files(BuildContext.create())
+
+
+def build_installers(inventory_path: str) -> Artifacts:
+    from .build.context import BuildContext
+    from .build.pipeline import build_installers
+
+    cluster = load(inventory_path)
+    return build_installers(BuildContext.create(), cluster, render.render(cluster, DIST, STATE))
+
+
+def release(inventory_path: str) -> Path:
+    from .build.context import BuildContext
+    from .build.release import make_release
+
+    cluster = load(inventory_path)
+    artifacts = build_installers(inventory_path)
+    return make_release(BuildContext.create(), cluster, artifacts)
+
+
+def print_artifacts(artifacts: Artifacts) -> None:
+    for name, path in vars(artifacts).items():
+        if path is None:
+            continue
+        size = sum(p.stat().st_blocks * 512 for p in ([path] if path.is_file() else path.rglob("*")))
+        print(f"{name:<8} {path}  ({human_bytes(size)} on disk)")
 
 
 def attach_console(socket_path: Path) -> None:

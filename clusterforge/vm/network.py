@@ -23,9 +23,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def user_net(subnet: IPv4Network, gateway: IPv4Address, forwards: dict[int, tuple[IPv4Address, int]]) -> str:
-    """-netdev value: user-mode network on the subnet, the host forwarding ports to guests."""
+def user_net(subnet: IPv4Network, gateway: IPv4Address, forwards: dict[int, tuple[IPv4Address, int]],
+             dhcp_start: IPv4Address | None = None) -> str:
+    """-netdev value: user-mode network on the subnet, the host forwarding ports to guests.
+    A DHCP client gets dhcp_start first (the node's inventory address, as dnsmasq would give)."""
     parts = ["user", f"net={subnet}", f"host={gateway}", f"dns={subnet.network_address + 3}"]
+    parts += [f"dhcpstart={dhcp_start}"] if dhcp_start else []
     parts += [f"hostfwd=tcp:127.0.0.1:{port}-{ip}:{guest}" for port, (ip, guest) in forwards.items()]
     return ",".join(parts)
 
