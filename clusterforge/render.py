@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -21,7 +22,7 @@ from . import secrets as secrets_mod
 from .fsutil import atomic_path
 from .inventory import HTTP_PORT, Cluster, Node, Role
 from .packages import disabled_units, service_packages
-from .seediso import write_seed_iso
+from .seediso import seed_iso_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_DIRS = (ROOT / "autoinstall", ROOT / "pxe")
@@ -104,15 +105,52 @@ def render(cluster: Cluster, out_root: Path, state_root: Path,
     site = site or Site(cluster.network.boot_server)
     secrets = secrets_mod.ensure(cluster, state_root)
     final = out_root / cluster.name
+    files = render_files(cluster, secrets, site, previous=final)
     with atomic_path(final) as tmp:
-        tmp.mkdir()
-        (tmp / "inventory.json").write_text(cluster.to_json())
-        facts = _Facts(cluster, secrets)
-        for index, node in enumerate(cluster.nodes):
-            _render_node(tmp / "nodes" / node.name, final / "nodes" / node.name, cluster, node,
-                         secrets, facts.for_node(index), site)
-        _render_pxe(tmp / "pxe", cluster, site)
+        write_tree(tmp, files)
     return final
+
+
+# A rendered tree: relative path -> (content, file mode). Rendering is pure; writing is I/O.
+Files = dict[str, tuple[bytes, int]]
+PRIVATE = 0o600  # what holds a node's private keys
+PUBLIC = 0o644
+
+
+def render_files(cluster: Cluster, secrets: secrets_mod.ClusterSecrets, site: Site, previous: Path) -> Files:
+    files: Files = {"inventory.json": (cluster.to_json().encode(), PUBLIC)}
+    facts = _Facts(cluster, secrets)
+    shared = dict(cluster=cluster, secrets=secrets,
+                  ssh_keys=[*cluster.ssh_authorized_keys, secrets.operator_ssh_public],
+                  packages=service_packages(cluster), disabled_units=disabled_units(),
+                  agent_url=f"{site.base_url}/images/clusterforge-agent.tar.gz")
+    for index, node in enumerate(cluster.nodes):
+        files.update(_node_files(node, facts.for_node(index), shared, previous / "nodes" / node.name))
+    files.update(_pxe_files(cluster, site))
+    return files
+
+
+def write_tree(root: Path, files: Files) -> None:
+    """Create the tree; files are written by a thread pool, since creating thousands of
+    small files is bound by the filesystem's latency, not by the CPU."""
+    root.mkdir()
+    for directory in sorted({str(Path(name).parent) for name in files} - {"."}):
+        (root / directory).mkdir(parents=True, exist_ok=True)
+
+    def write(item: tuple[str, tuple[bytes, int]]) -> None:
+        name, (data, mode) = item
+        fd = os.open(root / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            os.write(fd, data)
+            os.fchmod(fd, mode)  # the umask may have narrowed it
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(max_workers=WRITERS) as pool:
+        list(pool.map(write, files.items()))
+
+
+WRITERS = 8
 
 
 class _Facts:
@@ -141,58 +179,52 @@ class _Facts:
         return json.dumps(facts, indent=2) + "\n"
 
 
-def _render_node(directory: Path, previous: Path, cluster: Cluster, node: Node,
-                 secrets: secrets_mod.ClusterSecrets, cluster_json: str, site: Site) -> None:
-    directory.mkdir(parents=True)
-    ssh_keys = [*cluster.ssh_authorized_keys, secrets.operator_ssh_public]
-    context = dict(cluster=cluster, node=node, fqdn=cluster.fqdn(node), ssh_keys=ssh_keys,
-                   secrets=secrets, node_secrets=secrets.nodes[node.name],
-                   cluster_json=cluster_json,
+def _node_files(node: Node, cluster_json: str, shared: dict[str, Any], previous: Path) -> Files:
+    cluster: Cluster = shared["cluster"]
+    context = dict(shared, node=node, fqdn=cluster.fqdn(node),
+                   node_secrets=shared["secrets"].nodes[node.name], cluster_json=cluster_json,
                    identity_json=json.dumps({"cluster": cluster.name, "node": node.name}) + "\n")
-    files = {
+    seed = {
         "user-data": render_template("user-data.j2", **context),
         "meta-data": render_template("meta-data.j2", **context),
         "network-config": render_template("network-config.j2", **context),
     }
-    for name, text in files.items():
-        path = directory / name
-        path.write_text(text)
-        path.chmod(0o600 if name == "user-data" else 0o644)  # user-data holds private keys
-    _seed_iso(directory, previous, {k: v.encode() for k, v in files.items()})
-    autoinstall = render_template(
-        "autoinstall.yaml.j2", **context, user_data=files["user-data"],
-        network_config=files["network-config"], packages=service_packages(cluster),
-        disabled_units=disabled_units(),
-        agent_url=f"{site.base_url}/images/clusterforge-agent.tar.gz")
-    (directory / "autoinstall.yaml").write_text(autoinstall)
-    (directory / "autoinstall.yaml").chmod(0o600)
+    autoinstall = render_template("autoinstall.yaml.j2", **context, user_data=seed["user-data"],
+                                  network_config=seed["network-config"])
+    seed_bytes = {name: text.encode() for name, text in seed.items()}
+    prefix = f"nodes/{node.name}/"
+    return {
+        prefix + "user-data": (seed_bytes["user-data"], PRIVATE),
+        prefix + "meta-data": (seed_bytes["meta-data"], PUBLIC),
+        prefix + "network-config": (seed_bytes["network-config"], PUBLIC),
+        prefix + "seed.iso": (_seed_iso(seed_bytes, previous), PRIVATE),
+        prefix + "autoinstall.yaml": (autoinstall.encode(), PRIVATE),
+    }
 
 
-def _seed_iso(directory: Path, previous: Path, files: dict[str, bytes]) -> None:
-    """Build the node's seed ISO, or reuse the previous render's when its files are unchanged
-    (the ISO is a pure function of them; building one costs about a millisecond)."""
-    target = directory / "seed.iso"
+def _seed_iso(files: dict[str, bytes], previous: Path) -> bytes:
+    """The node's seed ISO; the previous render's when its files are unchanged (the ISO is a
+    pure function of them, and building one costs about a millisecond)."""
     try:
-        unchanged = all((previous / name).read_bytes() == data for name, data in files.items())
-        if unchanged:
-            os.link(previous / "seed.iso", target)
-            return
+        if all((previous / name).read_bytes() == data for name, data in files.items()):
+            return (previous / "seed.iso").read_bytes()
     except OSError:
         pass
-    write_seed_iso(target, files)
-    target.chmod(0o600)
+    return seed_iso_bytes(files)
 
 
-def _render_pxe(directory: Path, cluster: Cluster, site: Site) -> None:
-    (directory / "mac").mkdir(parents=True)
+def _pxe_files(cluster: Cluster, site: Site) -> Files:
     base = dict(cluster=cluster, base_url=site.base_url)
-    (directory / "boot.ipxe").write_text(render_template("boot.ipxe.j2", **base))
-    (directory / "menu.ipxe").write_text(render_template("menu.ipxe.j2", **base))
+    files: Files = {
+        "pxe/boot.ipxe": (render_template("boot.ipxe.j2", **base).encode(), PUBLIC),
+        "pxe/menu.ipxe": (render_template("menu.ipxe.j2", **base).encode(), PUBLIC),
+        "pxe/dnsmasq.conf": (dnsmasq_conf(cluster, site, mode="dhcp").encode(), PUBLIC),
+    }
     for node in cluster.nodes:
         script = render_template("node.ipxe.j2", **base, node=node, image_name=IMAGE_NAME,
                                  kernel_args=KERNEL_ARGS)
-        (directory / "mac" / f"{node.mac_hyphen}.ipxe").write_text(script)
-    (directory / "dnsmasq.conf").write_text(dnsmasq_conf(cluster, site, mode="dhcp"))
+        files[f"pxe/mac/{node.mac_hyphen}.ipxe"] = (script.encode(), PUBLIC)
+    return files
 
 
 def dnsmasq_conf(cluster: Cluster, site: Site, mode: str) -> str:
@@ -205,17 +237,18 @@ def dhcp_pool(cluster: Cluster, site: Site) -> tuple[IPv4Address, IPv4Address]:
     """The longest run of free addresses in the subnet's top quarter: leases for machines
     not in the inventory, so they can boot the menu and be discovered."""
     net = cluster.network
-    used = {net.gateway, net.vip, site.address, *(n.ip for n in cluster.nodes)}
-    hosts = list(net.subnet.hosts())
-    best: list[IPv4Address] = []
-    run: list[IPv4Address] = []
-    for addr in hosts[len(hosts) * 3 // 4:]:
-        if addr in used:
-            run = []
+    used = {int(a) for a in (net.gateway, net.vip, site.address, *(n.ip for n in cluster.nodes))}
+    first, last = int(net.subnet.network_address) + 1, int(net.subnet.broadcast_address) - 1
+    best = (0, -1)
+    run_start = None
+    for addr in range(first + (last - first + 1) * 3 // 4, last + 2):
+        if addr <= last and addr not in used:
+            run_start = addr if run_start is None else run_start
             continue
-        run.append(addr)
-        if len(run) > len(best):
-            best = list(run)
-    if not best:  # a tiny, full subnet: any free address will do
-        best = [a for a in hosts if a not in used][:1] or [hosts[-1]]
-    return best[0], best[-1]
+        if run_start is not None and addr - run_start > best[1] - best[0] + 1:
+            best = (run_start, addr - 1)
+        run_start = None
+    if best[1] < best[0]:  # a tiny, full subnet: any free address will do
+        free = next((a for a in range(first, last + 1) if a not in used), last)
+        best = (free, free)
+    return IPv4Address(best[0]), IPv4Address(best[1])

@@ -59,17 +59,22 @@ def iso9660_name(name: str) -> str:
     return "/" + name.upper().replace("-", "_")[:8] + ".;1"
 
 
-def write_seed_iso(path: Path, files: dict[str, bytes]) -> None:
+def seed_iso_bytes(files: dict[str, bytes]) -> bytes:
     iso = pycdlib.PyCdlib()
+    out = io.BytesIO()
     with _frozen_clock():
         iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident="cidata")
         for name in sorted(files):
             data = files[name]
             iso.add_fp(io.BytesIO(data), len(data), iso9660_name(name), rr_name=name,
                        joliet_path="/" + name)
-        with open(path, "wb") as out:
-            iso.write_fp(out)
+        iso.write_fp(out)
     iso.close()
+    return out.getvalue()
+
+
+def write_seed_iso(path: Path, files: dict[str, bytes]) -> None:
+    path.write_bytes(seed_iso_bytes(files))
 
 
 def read_seed_iso(path: Path) -> tuple[str, dict[str, bytes]]:
