@@ -18,7 +18,9 @@ HELP = {"inventory": "inventory YAML (default examples/cluster.yaml)",
         "out": "output root (default dist/)", "verbose": "show every command run",
         "state": "where cluster secrets are kept (default state/)", "node": "the node's name",
         "cmd": "command to run instead of a shell", "boot": "disk (default) or pxe",
-        "timeout": "seconds to wait for guests to power off"}
+        "timeout": "seconds to wait for guests to power off",
+        "interface": "network interface to serve on (needs an address in the subnet)",
+        "mode": "dhcp (isolated network, default) or proxy (beside an existing DHCP server)"}
 
 
 def opts(*names: str) -> dict[str, str]:
@@ -77,6 +79,29 @@ def usb(c, inventory=INVENTORY, verbose=False):
 def release(c, inventory=INVENTORY, verbose=False):
     """Build everything and put it with SHA256SUMS and manifest.json into dist/release/<build-id>/."""
     print(cli.release(inventory))
+
+
+# ---------------------------------------------------------------- pxe.*
+
+@task(help=opts("inventory", "interface", "mode", "verbose"))
+@user_errors
+def serve(c, interface, inventory=INVENTORY, mode="dhcp", verbose=False):
+    """Serve PXE on INTERFACE: dnsmasq (DHCP or proxy-DHCP, TFTP) and HTTP; Ctrl-C stops."""
+    cli.pxe_server(inventory, interface, mode).serve()
+
+
+@task(help=opts("inventory", "verbose"))
+@user_errors
+def discovered(c, inventory=INVENTORY, verbose=False):
+    """Machines that PXE-booted but are not in the inventory, as entries ready to paste."""
+    print(cli.discovered(inventory) or "# no unknown machine has booted yet")
+
+
+@task(help=opts("node", "inventory", "verbose"))
+@user_errors
+def reinstall(c, node, inventory=INVENTORY, verbose=False):
+    """Make a node install again on its next PXE boot (instead of booting its disk)."""
+    cli.reinstall(inventory, node)
 
 
 @task(help={"fast": "unit tests only", "k": "only tests matching this expression"})
@@ -181,5 +206,6 @@ def resume(c, inventory=INVENTORY, verbose=False):
 
 
 namespace = Collection(render, demo, test, image, netboot, iso, usb, release)
+namespace.add_collection(Collection("pxe", serve, discovered, reinstall))
 namespace.add_collection(Collection("cluster", up, status, ssh, console, down, destroy, kill_, start,
                                     partition, heal, pause, resume))

@@ -16,6 +16,7 @@ from .run import CommandError
 
 if TYPE_CHECKING:
     from .build.pipeline import Artifacts
+    from .pxe.server import PxeServer
     from .vm.cluster import ClusterVMs
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -89,6 +90,30 @@ def release(inventory_path: str) -> Path:
     cluster = load(inventory_path)
     artifacts = build_installers(inventory_path)
     return make_release(BuildContext.create(), cluster, artifacts)
+
+
+def pxe_server(inventory_path: str, interface: str, mode: str) -> PxeServer:
+    from .pxe.server import PxeServer
+
+    return PxeServer(load(inventory_path), interface, mode, DIST, STATE, RUNS)
+
+
+def discovered(inventory_path: str) -> str:
+    from .pxe.discovery import Discoveries
+
+    return Discoveries(STATE, load(inventory_path)).as_inventory()
+
+
+def reinstall(inventory_path: str, node_name: str) -> None:
+    from .pxe.http import Installed
+
+    cluster = load(inventory_path)
+    try:
+        node = cluster.node(node_name)
+    except KeyError:
+        names = ", ".join(n.name for n in cluster.nodes)
+        raise UserError(f"no node named '{node_name}'", hint=f"nodes: {names}") from None
+    Installed(STATE / cluster.name / "pxe-installed.json").remove(node.mac_hyphen)
 
 
 def print_artifacts(artifacts: Artifacts) -> None:

@@ -238,6 +238,11 @@ def install(args: dict[str, str]) -> str:
     copy_image(image, target.path)
     install_seed(target.path, files)
     say(f"installed {node.name} on {target.path} in {time.monotonic() - start:.0f}s; rebooting")
+    if "report" in args:  # PXE: the server then tells this machine to boot from its disk
+        try:
+            _open(args["report"], attempts=3).close()
+        except OSError as exc:
+            say(f"could not report the install to {args['report']}: {exc}")
     return node.name
 
 

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from .log import debug, die
 
@@ -92,6 +93,15 @@ def run(
     if check and proc.returncode != 0:
         raise CommandError(args, proc.returncode, (proc.stdout or "") + (proc.stderr or ""))
     return proc
+
+
+def spawn(argv: Sequence[str | os.PathLike[str]], **popen: Any) -> subprocess.Popen[bytes]:
+    """Start a long-running command (a server) the way run() would run a short one."""
+    args = [os.fspath(a) for a in argv]
+    if "/" not in args[0]:
+        args[0] = which(args[0])
+    debug("+ " + shlex.join(args) + " &")
+    return subprocess.Popen(args, **popen)
 
 
 class CommandError(Exception):

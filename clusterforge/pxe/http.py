@@ -1,0 +1,127 @@
+"""The PXE server's HTTP side: iPXE scripts, netboot files, seeds, discovery, install reports.
+
+Layout served (the same URLs the rendered iPXE scripts use):
+    /<cluster>/...        the rendered tree (pxe/*.ipxe, nodes/<name>/ seeds)
+    /images/...           dist/images/ (netboot/, the compressed image)
+    /discover?mac=..      an unknown machine reporting itself (from menu.ipxe)
+    /installed/<mac>      the installer reporting success: that node now boots from its disk
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+
+from ..fsutil import write_atomic
+from ..inventory import Cluster
+from .discovery import Discoveries
+
+LOCAL_BOOT = b"#!ipxe\n# installed: boot from the local disk (the firmware's next boot device)\nexit\n"
+CHUNK = 1024 * 1024
+
+
+class Installed:
+    """MACs whose install finished; their iPXE script becomes 'boot from disk'."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def all(self) -> set[str]:
+        return set(json.loads(self.path.read_text())) if self.path.exists() else set()
+
+    def add(self, mac_hyphen: str) -> None:
+        with self._lock:
+            write_atomic(self.path, json.dumps(sorted(self.all() | {mac_hyphen})) + "\n")
+
+    def remove(self, mac_hyphen: str) -> None:
+        with self._lock:
+            write_atomic(self.path, json.dumps(sorted(self.all() - {mac_hyphen})) + "\n")
+
+
+def make_handler(cluster: Cluster, rendered: Path, images: Path, discoveries: Discoveries,
+                 installed: Installed, log: Callable[[str], None]) -> type[http.server.BaseHTTPRequestHandler]:
+    names = {str(n.ip): n.name for n in cluster.nodes}
+    macs = {n.mac_hyphen: n.name for n in cluster.nodes}
+    roots = {cluster.name: rendered, "images": images}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "clusterforge-pxe"
+
+        def who(self) -> str:
+            ip = self.client_address[0]
+            return f"{names[ip]} ({ip})" if ip in names else ip
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # requests are logged once, with what was sent, by reply()
+
+        def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+            self.do_GET(head=True)
+
+        def do_GET(self, head: bool = False) -> None:  # noqa: N802
+            url = urllib.parse.urlsplit(self.path)
+            parts = [p for p in url.path.split("/") if p]
+            if parts[:1] == ["discover"]:
+                report = {k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()}
+                mac = discoveries.record(report)
+                log(f"{self.who()}: unknown machine {mac or '?'} reported itself ({report.get('platform', '?')})")
+                return self.reply(200, b"#!ipxe\n", "text/plain", head)
+            if parts[:1] == ["installed"] and len(parts) == 2 and parts[1] in macs:
+                installed.add(parts[1])
+                log(f"{self.who()}: {macs[parts[1]]} installed; it boots from its disk from now on")
+                return self.reply(200, b"ok\n", "text/plain", head)
+            if (len(parts) == 4 and parts[0] == cluster.name and parts[1:3] == ["pxe", "mac"]
+                    and parts[3].removesuffix(".ipxe") in installed.all()):
+                return self.reply(200, LOCAL_BOOT, "text/plain", head)
+            path = self.resolve(parts)
+            if path is None:
+                return self.reply(404, b"not found\n", "text/plain", head)
+            self.send_file(path, head)
+
+        def resolve(self, parts: list[str]) -> Path | None:
+            if not parts or parts[0] not in roots or any(p in ("..", ".") for p in parts):
+                return None
+            path = roots[parts[0]].joinpath(*parts[1:])
+            return path if path.is_file() else None
+
+        def reply(self, code: int, body: bytes, kind: str, head: bool) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+            if code != 200:
+                log(f"{self.who()}: {self.path} -> {code}")
+
+        def send_file(self, path: Path, head: bool) -> None:
+            size = path.stat().st_size
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            if head:
+                return
+            with open(path, "rb") as f:
+                try:
+                    # sendfile(2) where the socket allows it: the kernel copies, not Python.
+                    self.wfile.flush()
+                    self.connection.sendfile(f)
+                except (BrokenPipeError, ConnectionResetError):
+                    log(f"{self.who()}: {self.path} interrupted")
+                    return
+            if size > CHUNK or path.suffix == ".ipxe":
+                log(f"{self.who()}: sent {self.path} ({size / 2**20:.1f} MiB)")
+
+    return Handler
+
+
+class HttpServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+

@@ -1,0 +1,154 @@
+"""`pxe.serve`: dnsmasq for DHCP (full or proxy) and TFTP of Debian's iPXE binaries, and
+an HTTP server for scripts, kernels, squashfs, images and seeds, on one interface.
+
+Runs in the foreground, logging who booted what; Ctrl-C (or SIGTERM) stops everything.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import socket
+import struct
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+from types import FrameType
+
+from ..inventory import HTTP_PORT, Cluster
+from ..log import die, info
+from ..render import IMAGE_NAME, Site, dnsmasq_conf, render
+from ..run import run, spawn
+from .discovery import Discoveries
+from .http import HttpServer, Installed, make_handler
+
+IPXE_DIR = Path("/usr/lib/ipxe")
+IPXE_FILES = ("undionly.kpxe", "ipxe.efi")
+NETBOOT_FILES = ("netboot/vmlinuz", "netboot/initrd.img", "netboot/root.squashfs", f"{IMAGE_NAME}.raw.gz")
+DHCP_PROBE_SECONDS = 3.0
+# dnsmasq lines worth showing: leases handed out and files sent over TFTP.
+INTERESTING = ("DHCPACK", "DHCPOFFER(", "PXE(", "sent ", "failed sending", "error", "warning")
+
+
+def interface_address(interface: str, cluster: Cluster) -> IPv4Address:
+    """The interface's address in the inventory's subnet; refuses to serve without one."""
+    proc = run(["ip", "-j", "-4", "addr", "show", "dev", interface], check=False)
+    if proc.returncode != 0:
+        die(f"no network interface '{interface}'", hint="list them with: ip -br addr")
+    addresses = [IPv4Interface(f"{a['local']}/{a['prefixlen']}")
+                 for entry in json.loads(proc.stdout or "[]") for a in entry.get("addr_info", [])]
+    for address in addresses:
+        if address.ip in cluster.network.subnet:
+            return address.ip
+    have = ", ".join(str(a) for a in addresses) or "no IPv4 address"
+    die(f"interface {interface} has no address in the cluster's subnet {cluster.network.subnet} ({have})",
+        hint=f"give it one, e.g.: ip addr add {cluster.network.boot_server}/{cluster.network.subnet.prefixlen} "
+             f"dev {interface}")
+
+
+def check_artifacts(images: Path) -> None:
+    missing = [name for name in NETBOOT_FILES if not (images / name).exists()]
+    if missing:
+        die(f"netboot artifacts missing in {images}: {', '.join(missing)}", hint="build them with: ./forge netboot")
+    missing = [name for name in IPXE_FILES if not (IPXE_DIR / name).exists()]
+    if missing:
+        die(f"iPXE binaries missing in {IPXE_DIR}: {', '.join(missing)}", hint="apt-get install ipxe")
+
+
+def other_dhcp_server(interface: str) -> str | None:
+    """Broadcast a DHCPDISCOVER on the interface; the address of whoever offers, if anyone."""
+    xid = random.getrandbits(32)
+    mac = bytes([0x02, *random.randbytes(5)])  # locally administered: nobody's real NIC
+    packet = struct.pack("!BBBBIHH4s4s4s4s16s192xI", 1, 1, 6, 0, xid, 0, 0x8000, bytes(4), bytes(4), bytes(4),
+                         bytes(4), mac.ljust(16, b"\0"), 0x63825363)
+    packet += bytes([53, 1, 1, 255])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
+        s.bind(("0.0.0.0", 68))
+        s.sendto(packet, ("255.255.255.255", 67))
+        deadline = time.monotonic() + DHCP_PROBE_SECONDS
+        while (left := deadline - time.monotonic()) > 0:
+            s.settimeout(left)
+            try:
+                data, (sender, _) = s.recvfrom(2048)
+            except TimeoutError:
+                break
+            if len(data) > 240 and data[0] == 2 and struct.unpack("!I", data[4:8])[0] == xid:
+                return str(sender)
+    return None
+
+
+@dataclass
+class PxeServer:
+    cluster: Cluster
+    interface: str
+    mode: str
+    dist: Path
+    state: Path
+    runs: Path
+
+    def serve(self) -> None:
+        if self.mode not in ("dhcp", "proxy"):
+            die(f"--mode must be dhcp or proxy, not '{self.mode}'")
+        address = interface_address(self.interface, self.cluster)
+        images = self.dist / "images"
+        check_artifacts(images)
+        if self.mode == "dhcp":
+            other = other_dhcp_server(self.interface)
+            if other:
+                die(f"another DHCP server ({other}) answers on {self.interface}",
+                    hint="use --mode proxy beside an existing DHCP server")
+        site = Site(address, HTTP_PORT)
+        rendered = render(self.cluster, self.dist, self.state, site)
+        rundir = self.runs / f"pxe-{self.cluster.name}"
+        rundir.mkdir(parents=True, exist_ok=True)
+        conf = rundir / "dnsmasq.conf"
+        conf.write_text(dnsmasq_conf(self.cluster, site, self.mode))
+
+        handler = make_handler(self.cluster, rendered, images, Discoveries(self.state, self.cluster),
+                               Installed(self.state / self.cluster.name / "pxe-installed.json"), info)
+        http = HttpServer((str(address), site.port), handler)
+        http_thread = threading.Thread(target=http.serve_forever, daemon=True)
+        dnsmasq: subprocess.Popen[bytes] | None = None
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            http_thread.start()
+            dnsmasq = spawn(["dnsmasq", "--keep-in-foreground", "--log-facility=-", f"--conf-file={conf}",
+                             f"--interface={self.interface}", "--bind-interfaces", "--except-interface=lo",
+                             f"--tftp-root={IPXE_DIR}", f"--dhcp-leasefile={rundir / 'leases'}",
+                             f"--pid-file={rundir / 'dnsmasq.pid'}", "--user=root", "--group=root"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            info(f"serving cluster {self.cluster.name} on {self.interface} ({address}), {self.mode} mode: "
+                 f"TFTP {IPXE_DIR}, HTTP {site.base_url}/ ; Ctrl-C stops")
+            assert dnsmasq.stderr is not None
+            for raw in dnsmasq.stderr:
+                line = raw.decode(errors="replace").rstrip()
+                if any(word in line for word in INTERESTING):
+                    info(f"dnsmasq: {line.split(': ', 1)[-1]}")
+            code = dnsmasq.wait()
+            if code != 0:
+                die(f"dnsmasq exited with status {code}", hint=f"its configuration: {conf}")
+        except KeyboardInterrupt:
+            info("stopping")
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+            if dnsmasq is not None and dnsmasq.poll() is None:
+                dnsmasq.terminate()
+                try:
+                    dnsmasq.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    dnsmasq.kill()
+                    dnsmasq.wait()
+            http.shutdown()
+            http.server_close()
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+

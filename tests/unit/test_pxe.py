@@ -1,0 +1,96 @@
+"""The PXE server's HTTP side and discovery list, served for real on loopback."""
+
+from __future__ import annotations
+
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from clusterforge import inventory
+from clusterforge.log import UserError
+from clusterforge.pxe.discovery import Discoveries
+from clusterforge.pxe.http import LOCAL_BOOT, HttpServer, Installed, make_handler
+from clusterforge.pxe.server import check_artifacts, interface_address
+
+
+@pytest.fixture
+def served(example: inventory.Cluster, rendered: Path, state: Path,
+           tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
+    images = tmp_path / "images"
+    (images / "netboot").mkdir(parents=True)
+    (images / "netboot" / "vmlinuz").write_bytes(b"kernel" * 1000)
+    log: list[str] = []
+    handler = make_handler(example, rendered, images, Discoveries(state, example),
+                           Installed(state / "lab" / "pxe-installed.json"), log.append)
+    server = HttpServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", log
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return bytes(reply.read())
+
+
+def status(url: str) -> int:
+    try:
+        get(url)
+        return 200
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_scripts_and_files(served: tuple[str, list[str]], rendered: Path) -> None:
+    base, _ = served
+    assert get(f"{base}/lab/pxe/boot.ipxe") == (rendered / "pxe/boot.ipxe").read_bytes()
+    assert get(f"{base}/lab/pxe/mac/52-54-00-00-00-11.ipxe").startswith(b"#!ipxe\n# Node s1")
+    assert get(f"{base}/lab/nodes/s1/meta-data") == (rendered / "nodes/s1/meta-data").read_bytes()
+    assert get(f"{base}/images/netboot/vmlinuz") == b"kernel" * 1000
+    # An unknown MAC's script is missing, so boot.ipxe falls back to the menu.
+    assert status(f"{base}/lab/pxe/mac/52-54-00-99-99-99.ipxe") == 404
+    assert status(f"{base}/lab/../../etc/passwd") == 404
+    assert status(f"{base}/state/lab/ca.key") == 404
+
+
+def test_install_report_switches_to_local_boot(served: tuple[str, list[str]]) -> None:
+    base, log = served
+    assert get(f"{base}/installed/52-54-00-00-00-12") == b"ok\n"
+    assert get(f"{base}/lab/pxe/mac/52-54-00-00-00-12.ipxe") == LOCAL_BOOT
+    assert get(f"{base}/lab/pxe/mac/52-54-00-00-00-11.ipxe") != LOCAL_BOOT
+    assert status(f"{base}/installed/52-54-00-99-99-99") == 404  # not a node of the cluster
+    assert any("s2 installed" in line for line in log)
+
+
+def test_discovery(served: tuple[str, list[str]], example: inventory.Cluster, state: Path) -> None:
+    base, _ = served
+    get(f"{base}/discover?mac=52-54-00-99-99-99&platform=pcbios&product=Standard%20PC&uuid=")
+    get(f"{base}/discover?mac=52-54-00-00-00-11&platform=efi")  # a known node: not listed
+    get(f"{base}/discover?mac=garbage")
+    listed = Discoveries(state, example).as_inventory()
+    assert '  - mac: "52:54:00:99:99:99"' in listed
+    assert "platform pcbios, product Standard PC" in listed
+    assert "52:54:00:00:00:11" not in listed
+    import yaml  # the listing is YAML that pastes under nodes:
+
+    assert yaml.safe_load(listed)[0] == {"mac": "52:54:00:99:99:99", "roles": ["compute"]}
+
+
+def test_refuses_interface_outside_subnet(example: inventory.Cluster) -> None:
+    with pytest.raises(UserError, match="interface lo has no address in the cluster's subnet 10.0.0.0/24"):
+        interface_address("lo", example)
+    with pytest.raises(UserError, match="no network interface 'nope0'"):
+        interface_address("nope0", example)
+
+
+def test_refuses_missing_artifacts(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="netboot artifacts missing") as info:
+        check_artifacts(tmp_path)
+    assert info.value.hint == "build them with: ./forge netboot"
