@@ -74,6 +74,12 @@ class ClusterNet:
                 self._ip("link", "set", tap, "master", self.bridge)
             self._ip("link", "set", tap, "up")
 
+    def add_address(self, address: IPv4Address) -> None:
+        """Another host-side address on the bridge (the PXE server's boot_server)."""
+        have = run(["ip", "-n", self.netns, "-4", "-o", "addr", "show", "dev", self.bridge]).stdout
+        if f" {address}/" not in have:
+            self._ip("addr", "add", f"{address}/{self.subnet.prefixlen}", "dev", self.bridge)
+
     def netdev(self, node: str) -> str:
         return f"tap,ifname={self.tap(node)},script=no,downscript=no"
 
