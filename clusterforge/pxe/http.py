@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import sys
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -124,4 +125,9 @@ def make_handler(cluster: Cluster, rendered: Path, images: Path, discoveries: Di
 class HttpServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # a rack of machines powering on at once
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client going away is no error
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 

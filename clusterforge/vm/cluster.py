@@ -11,20 +11,24 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..inventory import Cluster, Node
+from ..inventory import BootMode, Cluster, Node
 from ..log import die, info
-from ..run import run
+from ..run import run, spawn
 from ..ssh import Target
 from .accel import Accel, choose
 from .machine import Drive, Machine, MachineError, MachineSpec, Nic, boot_phases
 from .network import ClusterNet
 
-DATA_DISK_SIZE = "12G"  # Ceph wants >= 5 GB per OSD; ceph-volume is happier with more
+DATA_DISK_SIZE = "12G"
+ROOT_DISK_SIZE = "8G"  # Ceph wants >= 5 GB per OSD; ceph-volume is happier with more
 BOOT_TIMEOUT = 900.0
 
 
@@ -67,9 +71,12 @@ class ClusterVMs:
     def spec(self, node: Node) -> MachineSpec:
         sizing = size_for(len(self.cluster.nodes), self.accel)
         node_dir = self.dir / node.name
-        drives = [Drive(node_dir / "root.qcow2", bootindex=1 if self.boot == "disk" else 2)]
+        drives = []
+        if not (self.boot == "pxe" and node.boot == BootMode.DISKLESS):
+            drives.append(Drive(node_dir / "root.qcow2", bootindex=1 if self.boot == "disk" else 2))
         drives += [Drive(node_dir / f"data-{Path(d).name}.qcow2") for d in node.disks]
-        drives += [Drive(self.seeds / "nodes" / node.name / "seed.iso", format="raw", media="cdrom")]
+        if self.boot == "disk":  # over PXE the seed comes from the server
+            drives.append(Drive(self.seeds / "nodes" / node.name / "seed.iso", format="raw", media="cdrom"))
         nic = Nic(node.mac, self.net.netdev(node.name), bootindex=1 if self.boot == "pxe" else None)
         return MachineSpec(name=node.name, memory_mb=sizing.memory_mb, cpus=sizing.cpus,
                            drives=tuple(drives), nics=(nic,), netns=self.net.netns)
@@ -96,9 +103,11 @@ class ClusterVMs:
         node_dir = self.dir / node.name
         node_dir.mkdir(parents=True, exist_ok=True)
         root = node_dir / "root.qcow2"
-        if not root.exists():
+        if not root.exists() and self.boot == "disk":
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(self.image.resolve()),
                  str(root)])
+        elif not root.exists():  # PXE installs onto an empty disk
+            run(["qemu-img", "create", "-q", "-f", "qcow2", str(root), ROOT_DISK_SIZE])
         for disk in node.disks:
             data = node_dir / f"data-{Path(disk).name}.qcow2"
             if not data.exists():
@@ -112,6 +121,8 @@ class ClusterVMs:
             die(f"image not found: {self.image}", hint="build it with ./forge image")
         nodes = self.nodes(names)
         self.net.create([n.name for n in self.cluster.nodes])
+        if self.boot == "pxe":
+            self.start_pxe_server()
         started = []
         for node in nodes:
             m = self.machine(node)
@@ -198,7 +209,52 @@ class ClusterVMs:
             time.sleep(0.5)  # guests shutting down: QEMU exits when they power off
         for node in running:
             self.machine(node).kill()
+        self.stop_pxe_server()
         self.net.destroy()
+
+    # ------------------------------------------------------------ PXE
+
+    @property
+    def pxe_pidfile(self) -> Path:
+        return self.dir / "pxe-server.pid"
+
+    def start_pxe_server(self) -> None:
+        """The PXE server on the cluster's bridge, as the boot server; outlives this command."""
+        if self._pxe_pid() is not None:
+            return
+        self.net.add_address(self.cluster.network.boot_server)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        log = self.dir / "pxe-server.log"
+        with open(log, "a") as out:
+            proc = spawn(["ip", "netns", "exec", self.net.netns, sys.executable, "-m", "clusterforge.pxe",
+                          "--inventory", str(self.cluster.source), "--interface", self.net.bridge,
+                          "--dist", str(self.seeds.parent), "--state", str(self.ssh_key.parents[2]),
+                          "--runs", str(self.dir)], stdout=out, stderr=subprocess.STDOUT,
+                         start_new_session=True)
+        self.pxe_pidfile.write_text(f"{proc.pid}\n")
+        deadline = time.monotonic() + 60
+        while "serving cluster" not in log.read_text():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise MachineError(f"the PXE server did not start; its log: {log}")
+            time.sleep(0.2)  # its log is how it says it is ready
+        info(f"PXE server on {self.cluster.network.boot_server} (log: {log})")
+
+    def _pxe_pid(self) -> int | None:
+        try:
+            pid = int(self.pxe_pidfile.read_text())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
+
+    def stop_pxe_server(self) -> None:
+        pid = self._pxe_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)  # it stops dnsmasq and its HTTP server first
+        self.pxe_pidfile.unlink(missing_ok=True)
 
     def destroy(self) -> None:
         self.down(timeout=30)
