@@ -1,7 +1,10 @@
 """Stage 1: the node's root filesystem, a directory made by mmdebstrap.
 
 A directory (not a tarball) because stage 2 feeds it straight to
-`mkfs.ext4 -d`, and customizing it needs no unpacking. The host's apt cache is
+`mkfs.ext4 -d`, and customizing it needs no unpacking. Only the system goes in
+here (packages, units, boot and cloud-init config), so the stage is keyed on the
+package lists, the unit list and this module alone: the clusterforge package and
+overlays/ are laid in by the Packer stage, and editing them never reruns mmdebstrap. The host's apt cache is
 hard-linked in before mmdebstrap runs and newly fetched .debs are linked back
 afterwards, so a second build downloads only the package indexes.
 """
@@ -15,6 +18,7 @@ import shutil
 from pathlib import Path
 
 from ..log import die, human_bytes, info, stage
+from ..packages import read_list
 from ..run import run
 from .context import BuildContext, atomic_path, content_hash, drop_stamp, is_fresh, write_stamp
 
@@ -22,6 +26,7 @@ _PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 
 # Packages enable these at install time; with stock settings they would start
 # etcd, SLURM, munge and Ceph on every boot. The agent starts each once configured.
+# images/disabled-units.txt (shared with the Ubuntu autoinstall) is added to these.
 DISABLE = [
     "etcd.service",
     "slurm*.service",
@@ -140,11 +145,11 @@ def sources(ctx: BuildContext) -> list[str]:
 
 
 def rootfs_key(ctx: BuildContext) -> str:
+    # The lists' items, not their files: editing a comment rebuilds nothing.
     return content_hash(
-        *(ctx.packages_dir / f"{s}.txt" for s in ctx.package_sets),
+        "\n".join(packages(ctx)),
+        "\n".join(read_list(disabled_units_file(ctx))),
         Path(__file__),
-        ctx.overlay_common,
-        ctx.package_src,
         ctx.suite,
         *sources(ctx),
         ctx.kernel_cmdline,
@@ -244,7 +249,7 @@ def customize(ctx: BuildContext, root: Path) -> None:
     (etc / "systemd/system/clusterforge-ssh-keygen.service").write_text(SSH_KEYGEN_UNIT)
     (etc / "systemd/network/99-clusterforge-dhcp.network").write_text(FALLBACK_NETWORK)
     (etc / "cloud/cloud.cfg.d/90_clusterforge.cfg").write_text(CLOUD_CFG)
-    set_units(root)
+    set_units(ctx, root)
 
     # First boot must make this machine unique: empty machine-id (systemd fills it
     # in, and an empty file is "not first boot", so presets are not re-applied).
@@ -259,19 +264,21 @@ def customize(ctx: BuildContext, root: Path) -> None:
     (etc / "resolv.conf").symlink_to("../run/systemd/resolve/stub-resolv.conf")
 
     write_boot_config(ctx, root)
-    install_package(ctx, root)
-    if ctx.overlay_common.is_dir():
-        shutil.copytree(ctx.overlay_common, root, symlinks=True, dirs_exist_ok=True)
 
 
-def set_units(root: Path) -> None:
+def disabled_units_file(ctx: BuildContext) -> Path:
+    return ctx.root / "images" / "disabled-units.txt"
+
+
+def set_units(ctx: BuildContext, root: Path) -> None:
+    patterns = DISABLE + read_list(disabled_units_file(ctx))
     enabled = enabled_units(root)
-    to_disable = [u for u in enabled if any(fnmatch.fnmatch(u, p) for p in DISABLE)]
+    to_disable = [u for u in enabled if any(fnmatch.fnmatch(u, p) for p in patterns)]
     if to_disable:
         info(f"rootfs: disabling {' '.join(to_disable)}")
         run(["systemctl", f"--root={root}", "disable", *to_disable])
     run(["systemctl", f"--root={root}", "enable", *ENABLE])
-    left = [u for u in enabled_units(root) if any(fnmatch.fnmatch(u, p) for p in DISABLE)]
+    left = [u for u in enabled_units(root) if any(fnmatch.fnmatch(u, p) for p in patterns)]
     if left:
         raise RuntimeError(f"units still enabled after disabling them: {left}")
 
@@ -319,13 +326,6 @@ menuentry 'clusterforge (Debian 12)' {{
         'GRUB_TERMINAL="console serial"\n'
         'GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"\n'
     )
-
-
-def install_package(ctx: BuildContext, root: Path) -> None:
-    """The agent runs from the image's own python3 (stdlib + yaml), not a venv."""
-    dest = root / "usr/lib/python3/dist-packages/clusterforge"
-    shutil.copytree(ctx.package_src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    run(["chroot", root, "python3", "-B", "-c", "import clusterforge.log, clusterforge.run"])
 
 
 def tree_size(path: Path) -> int:

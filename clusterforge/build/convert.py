@@ -1,0 +1,47 @@
+"""Stage 4: the node image as a raw disk, for dd to a disk or USB stick and for
+PXE/USB installers that write it block for block."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..log import die, human_bytes, info, stage
+from ..run import run
+from .context import (
+    BuildContext,
+    atomic_path,
+    content_hash,
+    drop_stamp,
+    is_fresh,
+    read_stamp,
+    stamp_path,
+    write_stamp,
+)
+from .packer import images_dir, qcow2_image
+
+
+def raw_image(ctx: BuildContext) -> Path:
+    return images_dir(ctx) / f"{ctx.name}.raw"
+
+
+def build_raw(ctx: BuildContext) -> Path:
+    """dist/images/<name>.raw (sparse), converted from the qcow2 when it changed."""
+    source = qcow2_image(ctx)
+    source_key = read_stamp(source)
+    if source_key is None:
+        die(f"no finished image at {source}", hint="build the packer stage first")
+    key = content_hash(source_key, Path(__file__))
+    out = raw_image(ctx)
+    # Someone who booted the raw image changed it: newer than its stamp means redo.
+    if is_fresh(out, key) and out.stat().st_mtime <= stamp_path(out).stat().st_mtime:
+        info(f"raw: up to date ({out})")
+        return out
+    drop_stamp(out)
+    with stage(f"raw: {out.name}"), atomic_path(out) as tmp:
+        # qemu-img writes zeros as holes (-S 4k by default): the file stays sparse.
+        run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", source, tmp])
+    write_stamp(out, key)
+    used = os.stat(out).st_blocks * 512
+    info(f"raw: {out} ({human_bytes(out.stat().st_size)}, {human_bytes(used)} allocated)")
+    return out

@@ -1,0 +1,273 @@
+"""Stage 3: the node image, made by Packer's qemu builder from the base disk.
+
+Packer boots the base disk (which holds no key: the build VM gets a throwaway
+one from a NoCloud seed on an extra CD-ROM), uploads overlays/ and the
+clusterforge package as one tar, runs images/provision/*.sh in order and then
+images/reset-identity.sh, shuts the VM down and writes a compressed qcow2.
+
+This stage, not the rootfs, carries everything that changes often (the package,
+overlays, provisioning), so editing them costs a Packer run, never mmdebstrap.
+Work files and logs live in dist/cache/packer/; only the finished image is
+renamed into dist/images/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tarfile
+import threading
+from collections import deque
+from pathlib import Path
+
+import jinja2
+
+from ..log import die, human_bytes, info, stage
+from ..run import run, which
+from ..seediso import write_seed_iso
+from ..vm import accel as accel_mod
+from .context import (
+    BuildContext,
+    MiB,
+    atomic_path,
+    content_hash,
+    drop_stamp,
+    is_fresh,
+    read_stamp,
+    remove_path,
+    write_stamp,
+)
+
+TEMPLATE = "debian-12.pkr.json.j2"
+PAYLOAD_DEST = "/tmp/clusterforge-payload.tar"
+CPUS = 2
+MEMORY_MIB = 2048
+# Boot to sshd takes ~35 s under TCG; the margin is for a loaded build machine.
+SSH_TIMEOUT = "15m"
+# Packer cancels the build, stops QEMU and removes its output on SIGINT; give it
+# this long before the whole process group is killed.
+CANCEL_SECONDS = 60
+TAIL_LINES = 20
+# The build VM's NIC, pinned so the seed's network config can match it: cloud-init
+# 22.4's networkd renderer ignores `match: name:` globs (it writes Name=<config id>,
+# which matches no link, and systemd-networkd-wait-online then stalls boot 2 min).
+BUILD_MAC = "52:54:00:cf:00:01"
+
+
+def images_dir(ctx: BuildContext) -> Path:
+    return ctx.out / "images"
+
+
+def qcow2_image(ctx: BuildContext) -> Path:
+    return images_dir(ctx) / f"{ctx.name}.qcow2"
+
+
+def work_dir(ctx: BuildContext) -> Path:
+    return ctx.cache / "packer"
+
+
+def template_path(ctx: BuildContext) -> Path:
+    return ctx.root / "images" / TEMPLATE
+
+
+def provision_dir(ctx: BuildContext) -> Path:
+    return ctx.root / "images" / "provision"
+
+
+def reset_script(ctx: BuildContext) -> Path:
+    return ctx.root / "images" / "reset-identity.sh"
+
+
+def overlays_dir(ctx: BuildContext) -> Path:
+    return ctx.root / "overlays"
+
+
+def packer_key(ctx: BuildContext) -> str:
+    base = read_stamp(ctx.base_disk)
+    if base is None:
+        die(f"no finished base disk at {ctx.base_disk}", hint="build the disk stage first")
+    return content_hash(
+        base,
+        template_path(ctx),
+        provision_dir(ctx),
+        reset_script(ctx),
+        overlays_dir(ctx),
+        ctx.package_src,  # this module included
+        str(MEMORY_MIB),
+    )
+
+
+def build_qcow2(ctx: BuildContext) -> Path:
+    """dist/images/<name>.qcow2, rebuilt only when one of its inputs changed."""
+    key = packer_key(ctx)
+    out = qcow2_image(ctx)
+    if is_fresh(out, key):
+        info(f"packer: up to date ({out})")
+        return out
+    drop_stamp(out)
+    accel = accel_mod.choose()
+    with stage(f"packer: {out.name} ({accel.name})"), atomic_path(out) as tmp:
+        work = work_dir(ctx)
+        remove_path(work)
+        work.mkdir(parents=True)
+        built = run_packer(ctx, work, accel, instance=key[:12])
+        os.replace(built, tmp)
+        # The key is throwaway and the image no longer trusts it; don't keep it around.
+        for leftover in ("out", "packer_cache", "payload.tar", "build-key", "build-key.pub"):
+            remove_path(work / leftover)
+    write_stamp(out, key)
+    info(f"packer: {out} ({human_bytes(out.stat().st_size)})")
+    return out
+
+
+def run_packer(ctx: BuildContext, work: Path, accel: accel_mod.Accel, instance: str) -> Path:
+    key = work / "build-key"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "clusterforge-build", "-f", key])
+    seed = work / "seed.iso"
+    write_seed_iso(seed, build_seed(key.with_suffix(".pub").read_text().strip(), instance))
+    payload = work / "payload.tar"
+    write_payload(ctx, payload)
+
+    serial_log = work / "serial.log"
+    template = work / "packer.json"
+    template.write_text(render_template(ctx, {
+        "vm_name": qcow2_image(ctx).name,
+        "output_dir": str(work / "out"),
+        "base_disk": str(ctx.base_disk),
+        # Packer's default is 40 GiB; anything but the base disk's size resizes it.
+        "disk_size_mib": ctx.base_disk.stat().st_size // MiB,
+        "accelerator": accel.name,
+        "cpu": accel.args[accel.args.index("-cpu") + 1],
+        "mac": BUILD_MAC,
+        "cpus": CPUS,
+        "memory_mib": MEMORY_MIB,
+        "ssh_key": str(key),
+        "ssh_timeout": SSH_TIMEOUT,
+        # Absolute paths: Packer runs QEMU from its own working directory.
+        "seed_iso": str(seed),
+        "serial_log": str(serial_log),
+        "payload": str(payload),
+        "payload_dest": PAYLOAD_DEST,
+        "provision_scripts": [str(p) for p in sorted(provision_dir(ctx).glob("*.sh"))],
+        "reset_script": str(reset_script(ctx)),
+    }))
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PACKER_LOG", "PACKER_LOG_PATH")}
+    env.update(CHECKPOINT_DISABLE="1", PACKER_NO_COLOR="1", PACKER_CACHE_DIR=str(work / "packer_cache"))
+    log = work / "packer.log"
+    argv = [which("packer"), "build", "-color=false", str(template)]
+    code, tail = stream(argv, env, cwd=work, log=log)
+    built = work / "out" / qcow2_image(ctx).name
+    if code != 0 or not built.is_file():
+        status = f"exit code {code}" if code != 0 else f"no {built.name} in its output"
+        die(f"packer build failed ({status}):\n" + "".join(tail).rstrip(),
+            hint=f"packer's output: {log}; the build VM's serial console: {serial_log}")
+    return built
+
+
+def build_seed(public_key: str, instance: str) -> dict[str, bytes]:
+    """NoCloud seed for the build VM: root login with the build key, DHCP."""
+    user_data = {
+        "disable_root": False,  # else cloud-init prefixes root's key with a refusal
+        "ssh_pwauth": False,
+        "users": [],  # no default user: only root, and only for the build
+        "ssh_authorized_keys": [public_key],
+    }
+    meta_data = {"instance-id": f"clusterforge-build-{instance}", "local-hostname": "clusterforge"}
+    network = {"version": 2, "ethernets": {"build": {"match": {"macaddress": BUILD_MAC}, "dhcp4": True}}}
+    # JSON is YAML; cloud-init wants the #cloud-config header on user-data only.
+    return {
+        "user-data": ("#cloud-config\n" + json.dumps(user_data, indent=2) + "\n").encode(),
+        "meta-data": (json.dumps(meta_data, indent=2) + "\n").encode(),
+        "network-config": (json.dumps(network, indent=2) + "\n").encode(),
+    }
+
+
+def write_payload(ctx: BuildContext, path: Path) -> None:
+    """One tar for one upload: Packer's directory upload loses modes and symlinks."""
+
+    def keep(entry: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        parts = entry.name.split("/")
+        if "__pycache__" in parts or entry.name.endswith(".pyc"):
+            return None
+        if len(parts) == 3 and parts[0] == "overlays" and parts[2].startswith("README"):
+            return None  # documents the overlay folder; not a file for the image
+        entry.uid = entry.gid = 0
+        entry.uname = entry.gname = "root"
+        return entry
+
+    with tarfile.open(path, "w") as tar:
+        overlays = overlays_dir(ctx)
+        if overlays.is_dir():
+            for folder in sorted(p for p in overlays.iterdir() if p.is_dir()):
+                tar.add(folder, f"overlays/{folder.name}", filter=keep)
+        tar.add(ctx.package_src, "clusterforge", filter=keep)
+
+
+def render_template(ctx: BuildContext, values: dict[str, object]) -> str:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(template_path(ctx).parent)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters["tojson"] = json.dumps
+    try:
+        text = env.get_template(TEMPLATE).render(**values)
+    except jinja2.TemplateSyntaxError as exc:
+        raise RuntimeError(f"{exc.filename}:{exc.lineno}: {exc.message}") from None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RuntimeError(f"{template_path(ctx)} renders invalid JSON: {exc}\n{text}") from None
+    return text
+
+
+def stream(argv: list[str], env: dict[str, str], cwd: Path, log: Path) -> tuple[int, deque[str]]:
+    """Run argv showing its output as it comes and copying it to log.
+
+    Not run(): that captures output until the end, and on Ctrl-C kills only its
+    child. Packer runs in its own process group (with the QEMU it starts), gets
+    SIGINT to cancel cleanly (on Ctrl-C or SIGTERM here), and the group is killed
+    whatever happens, so no QEMU outlives the build.
+    """
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+    on_main = threading.current_thread() is threading.main_thread()
+    # SIGTERM (a CI job cancelled) would otherwise end Python with no cleanup at all.
+    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        with open(log, "w") as f:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                f.write(line)
+                f.flush()
+                tail.append(line)
+                info("    " + line.rstrip("\n"))
+        return proc.wait(), tail
+    except BaseException:
+        _signal_group(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(CANCEL_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+        raise
+    finally:
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if on_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
