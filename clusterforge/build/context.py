@@ -83,11 +83,6 @@ class BuildContext:
         """The stage-2 output, input of later stages; never booted directly."""
         return self.cache / "base.raw"
 
-    @property
-    def raw_image(self) -> Path:
-        """A copy of the base disk a user may boot (and so modify) as is."""
-        return self.out / f"{self.name}.raw"
-
     def stable_uuid(self, what: str) -> str:
         return str(uuid.uuid5(_ID_NAMESPACE, f"{self.name}/{what}"))
 

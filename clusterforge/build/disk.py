@@ -11,7 +11,6 @@ the menu is the rootfs's /boot/grub/grub.cfg (written by stage 1).
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 import tempfile
@@ -27,7 +26,6 @@ from .context import (
     drop_stamp,
     is_fresh,
     read_stamp,
-    stamp_path,
     write_stamp,
 )
 
@@ -91,7 +89,6 @@ def build_base_disk(ctx: BuildContext) -> Path:
             with tempfile.TemporaryDirectory(dir=ctx.cache, prefix="disk-work-") as work:
                 make_disk(ctx, tmp, Path(work))
         write_stamp(out, key)
-    publish_raw(ctx, key)
     return out
 
 
@@ -197,17 +194,3 @@ def install_bios_boot(disk: Path, boot_img: bytes, core_img: bytes, bios: Partit
         f.write(boot)
         f.seek(bios.offset)
         f.write(core)
-
-
-def publish_raw(ctx: BuildContext, key: str) -> None:
-    """<name>.raw for users to boot as is; recopied when booting it changed it."""
-    out = ctx.raw_image
-    stamp = stamp_path(out)
-    if is_fresh(out, key) and out.stat().st_mtime <= stamp.stat().st_mtime:
-        return
-    drop_stamp(out)
-    with stage(f"disk: {out.name}"), atomic_path(out) as tmp:
-        run(["cp", "--sparse=always", "--reflink=auto", ctx.base_disk, tmp])
-    write_stamp(out, key)
-    used = os.stat(out).st_blocks * 512
-    info(f"disk: {out} ({human_bytes(ctx.disk_size)}, {human_bytes(used)} allocated)")

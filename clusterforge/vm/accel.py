@@ -40,9 +40,23 @@ def choose() -> Accel:
     forced = os.environ.get("CLUSTERFORGE_ACCEL")
     if forced in ("kvm", "tcg"):
         return KVM if forced == "kvm" else TCG
-    accel = KVM if kvm_works() else TCG
+    # The probe costs seconds when KVM hangs; its answer holds until the host reboots.
+    cache = Path(tempfile.gettempdir()) / f"clusterforge-kvm-{_boot_id()}"
+    if cache.exists():
+        works = cache.read_text() == "yes"
+    else:
+        works = kvm_works()
+        cache.write_text("yes" if works else "no")
+    accel = KVM if works else TCG
     debug(f"accelerator: {accel.name}")
     return accel
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
 
 
 def kvm_works() -> bool:
