@@ -3,47 +3,43 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .log import info
+from .run import run
 
-def _temp_sibling(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}")
-
-
-def remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
+_OCTAL = re.compile(r"\\([0-7]{3})")
 
 
 @contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of final; on success it replaces final, on any error
-    (Ctrl-C included) it is removed and final is left as it was.
-
-    For a directory, the old one is moved aside first and deleted after the swap.
-    """
+    """Yield a temporary sibling of `final` to build into; on success move it into
+    place (replacing an older output), on any exception (KeyboardInterrupt too)
+    remove it. Works for files and directories."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_sibling(final)
-    remove(temp)
+    _remove_stale_siblings(final)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    remove_path(tmp)
     try:
-        yield temp
-        if temp.is_dir() and final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            remove(old)
-            final.rename(old)
-            temp.rename(final)
-            remove(old)
-        else:
-            temp.replace(final)
+        yield tmp
     except BaseException:
-        if temp.exists() or temp.is_symlink():
-            remove(temp)
+        remove_path(tmp)
         raise
+    if not os.path.lexists(tmp):
+        raise RuntimeError(f"nothing was produced at {tmp}")
+    if not tmp.is_dir() and not (final.is_dir() and not final.is_symlink()):
+        os.replace(tmp, final)
+        return
+    # rename(2) cannot replace a non-empty directory: move the old one aside first.
+    old = final.with_name(f"{final.name}.old-{os.getpid()}")
+    if os.path.lexists(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    remove_path(old)
 
 
 def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
@@ -56,9 +52,47 @@ def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
         os.chmod(temp, mode)  # the umask may have narrowed it
 
 
-def clean_stale_temps(directory: Path) -> None:
-    """Remove temporaries left by an interrupted run (another pid, killed hard)."""
-    if directory.is_dir():
-        for entry in directory.iterdir():
-            if entry.name.startswith(".") and (".tmp-" in entry.name or ".old-" in entry.name):
-                remove(entry)
+def _remove_stale_siblings(final: Path) -> None:
+    """Leftovers of runs that were killed (SIGKILL, power loss) before cleaning up."""
+    for marker in (".tmp-", ".old-"):
+        for sibling in final.parent.glob(f"{final.name}{marker}*"):
+            pid = sibling.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                info(f"removing leftover {sibling}")
+                remove_path(sibling)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def mounts_under(path: Path) -> list[Path]:
+    """Mount points at or below path, deepest first (the order to unmount them)."""
+    top = os.path.realpath(path)
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            # Field 5 is the mount point, with spaces etc. as octal escapes.
+            point = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), line.split()[4])
+            if point == top or point.startswith(top + "/"):
+                found.append(Path(point))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or tree; first unmount anything mounted inside it, so that a
+    chroot left with /proc or a bind mount never makes rmtree reach the host."""
+    if not os.path.lexists(path):
+        return
+    if path.is_dir() and not path.is_symlink():
+        for point in mounts_under(path):
+            run(["umount", "--lazy", point])
+        shutil.rmtree(path)
+    else:
+        path.unlink()

@@ -1,9 +1,9 @@
 """What every build stage shares: where inputs and outputs live, and the helpers
-that make outputs atomic and cached by the hash of their inputs.
+that cache outputs by the hash of their inputs.
 
 A stage computes a key with `content_hash()` over everything that shapes its
 output, returns early when `is_fresh(output, key)`, otherwise builds into the
-path yielded by `atomic_path(output)` and calls `write_stamp(output, key)`.
+path yielded by `fsutil.atomic_path(output)` and calls `write_stamp(output, key)`.
 The stamp is written last, so an interrupted build is never mistaken for a
 finished one.
 """
@@ -12,16 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
-import shutil
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-from ..log import info
-from ..run import run
 
 MiB = 1024**2
 GiB = 1024**3
@@ -32,7 +25,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # rootfs (fstab, grub.cfg) and disk (mkfs, sgdisk) agree without passing data around.
 _ID_NAMESPACE = uuid.UUID("6f1d2c1e-4a59-4c3e-9a51-2f0c6b7d9e10")
 
-_OCTAL = re.compile(r"\\([0-7]{3})")
 
 # Never part of a content hash: caches and editor/build droppings.
 _HASH_IGNORE = {"__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
@@ -180,79 +172,3 @@ def write_stamp(output: Path, key: str) -> None:
     tmp = stamp.with_name(f"{stamp.name}.tmp-{os.getpid()}")
     tmp.write_text(key + "\n")
     os.replace(tmp, stamp)
-
-
-# --- atomic outputs ------------------------------------------------------------------
-
-
-@contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `final` to build into; on success move it into
-    place (replacing an older output), on any exception (KeyboardInterrupt too)
-    remove it. Works for files and directories."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_siblings(final)
-    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
-    remove_path(tmp)
-    try:
-        yield tmp
-    except BaseException:
-        remove_path(tmp)
-        raise
-    if not os.path.lexists(tmp):
-        raise RuntimeError(f"stage produced nothing at {tmp}")
-    if not tmp.is_dir() and not (final.is_dir() and not final.is_symlink()):
-        os.replace(tmp, final)
-        return
-    # rename(2) cannot replace a non-empty directory: move the old one aside first.
-    old = final.with_name(f"{final.name}.old-{os.getpid()}")
-    if os.path.lexists(final):
-        os.rename(final, old)
-    os.rename(tmp, final)
-    remove_path(old)
-
-
-def _remove_stale_siblings(final: Path) -> None:
-    """Leftovers of builds that were killed (SIGKILL, power loss) before cleaning up."""
-    for marker in (".tmp-", ".old-"):
-        for sibling in final.parent.glob(f"{final.name}{marker}*"):
-            pid = sibling.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-                info(f"removing leftover {sibling}")
-                remove_path(sibling)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def mounts_under(path: Path) -> list[Path]:
-    """Mount points at or below path, deepest first (the order to unmount them)."""
-    top = os.path.realpath(path)
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            # Field 5 is the mount point, with spaces etc. as octal escapes.
-            point = _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), line.split()[4])
-            if point == top or point.startswith(top + "/"):
-                found.append(Path(point))
-    return sorted(found, key=lambda p: len(p.parts), reverse=True)
-
-
-def remove_path(path: Path) -> None:
-    """Remove a file or tree; first unmount anything mounted inside it, so that a
-    chroot left with /proc or a bind mount never makes rmtree reach the host."""
-    if not os.path.lexists(path):
-        return
-    if path.is_dir() and not path.is_symlink():
-        for point in mounts_under(path):
-            run(["umount", "--lazy", point])
-        shutil.rmtree(path)
-    else:
-        path.unlink()

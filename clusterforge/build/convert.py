@@ -6,18 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..fsutil import atomic_path
 from ..log import die, human_bytes, info, stage
 from ..run import run
-from .context import (
-    BuildContext,
-    atomic_path,
-    content_hash,
-    drop_stamp,
-    is_fresh,
-    read_stamp,
-    stamp_path,
-    write_stamp,
-)
+from .context import BuildContext, content_hash, drop_stamp, is_fresh, read_stamp, stamp_path, write_stamp
 from .packer import images_dir, qcow2_image
 
 

@@ -17,17 +17,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..fsutil import atomic_path
 from ..log import die, human_bytes, info, stage
 from ..run import run
-from .context import (
-    BuildContext,
-    atomic_path,
-    content_hash,
-    drop_stamp,
-    is_fresh,
-    read_stamp,
-    write_stamp,
-)
+from .context import BuildContext, content_hash, drop_stamp, is_fresh, read_stamp, write_stamp
 
 SECTOR = 512
 BIOS_BOOT_START = 2048  # 1 MiB: the usual alignment, and what partitioners expect

@@ -13,11 +13,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..fsutil import atomic_path
 from ..inventory import Cluster
 from ..log import stage
 from ..render import KERNEL_ARGS, render_template
 from ..run import run
-from .context import BuildContext, atomic_path, content_hash, is_fresh, read_stamp, write_stamp
+from .context import BuildContext, content_hash, is_fresh, read_stamp, write_stamp
 
 SEED_FILES = ("user-data", "meta-data", "network-config")
 

@@ -11,9 +11,10 @@ import gzip
 import shutil
 from pathlib import Path
 
+from ..fsutil import atomic_path
 from ..log import stage
 from ..run import run
-from .context import BuildContext, atomic_path, content_hash, is_fresh, read_stamp, write_stamp
+from .context import BuildContext, content_hash, is_fresh, read_stamp, write_stamp
 from .loop import mounted_root
 
 GZIP_CHUNK = 8 * 1024**2

@@ -24,21 +24,12 @@ from pathlib import Path
 
 import jinja2
 
+from ..fsutil import atomic_path, remove_path
 from ..log import die, human_bytes, info, stage
 from ..run import run, which
 from ..seediso import write_seed_iso
 from ..vm import accel as accel_mod
-from .context import (
-    BuildContext,
-    MiB,
-    atomic_path,
-    content_hash,
-    drop_stamp,
-    is_fresh,
-    read_stamp,
-    remove_path,
-    write_stamp,
-)
+from .context import BuildContext, MiB, content_hash, drop_stamp, is_fresh, read_stamp, write_stamp
 
 TEMPLATE = "debian-12.pkr.json.j2"
 PAYLOAD_DEST = "/tmp/clusterforge-payload.tar"

@@ -11,10 +11,11 @@ import os
 import shutil
 from pathlib import Path
 
+from ..fsutil import atomic_path
 from ..inventory import Cluster
 from ..log import stage
 from ..run import run
-from .context import BuildContext, atomic_path, read_stamp
+from .context import BuildContext, read_stamp
 from .loop import mounted_root
 from .pipeline import Artifacts
 

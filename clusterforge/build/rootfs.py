@@ -17,10 +17,11 @@ import re
 import shutil
 from pathlib import Path
 
+from ..fsutil import atomic_path
 from ..log import die, human_bytes, info, stage
 from ..packages import read_list
 from ..run import run
-from .context import BuildContext, atomic_path, content_hash, drop_stamp, is_fresh, write_stamp
+from .context import BuildContext, content_hash, drop_stamp, is_fresh, write_stamp
 
 _PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 
