@@ -163,6 +163,14 @@ def read_stamp(output: Path) -> str | None:
     return stamp.read_text().strip() if output.exists() and stamp.exists() else None
 
 
+def input_key(upstream: Path, stage: str) -> str:
+    """The cache key of a finished upstream output; a stage cannot run without one."""
+    key = read_stamp(upstream)
+    if key is None:
+        raise RuntimeError(f"no finished output at {upstream}: run the {stage} stage first")
+    return key
+
+
 def drop_stamp(output: Path) -> None:
     stamp_path(output).unlink(missing_ok=True)
 

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 
 from ..fsutil import atomic_path
-from ..log import die, human_bytes, info, stage
+from ..log import human_bytes, info, stage
 from ..run import run
-from .context import BuildContext, content_hash, drop_stamp, is_fresh, read_stamp, stamp_path, write_stamp
+from .context import BuildContext, content_hash, drop_stamp, input_key, is_fresh, stamp_path, write_stamp
 from .packer import images_dir, qcow2_image
 
 
@@ -20,9 +20,7 @@ def raw_image(ctx: BuildContext) -> Path:
 def build_raw(ctx: BuildContext) -> Path:
     """dist/images/<name>.raw (sparse), converted from the qcow2 when it changed."""
     source = qcow2_image(ctx)
-    source_key = read_stamp(source)
-    if source_key is None:
-        die(f"no finished image at {source}", hint="build the packer stage first")
+    source_key = input_key(source, "packer")
     key = content_hash(source_key, Path(__file__))
     out = raw_image(ctx)
     # Someone who booted the raw image changed it: newer than its stamp means redo.

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..fsutil import atomic_path
-from ..log import die, human_bytes, info, stage
+from ..log import human_bytes, info, stage
 from ..run import run
-from .context import BuildContext, content_hash, drop_stamp, is_fresh, read_stamp, write_stamp
+from .context import BuildContext, content_hash, drop_stamp, input_key, is_fresh, write_stamp
 
 SECTOR = 512
 BIOS_BOOT_START = 2048  # 1 MiB: the usual alignment, and what partitioners expect
@@ -58,11 +58,8 @@ class Partition:
 
 
 def disk_key(ctx: BuildContext) -> str:
-    rootfs = read_stamp(ctx.rootfs_dir)
-    if rootfs is None:
-        die(f"no finished rootfs in {ctx.rootfs_dir}", hint="build the rootfs stage first")
     return content_hash(
-        rootfs,
+        input_key(ctx.rootfs_dir, "rootfs"),
         Path(__file__),
         str(ctx.disk_size),
         str(ctx.esp_size),

@@ -18,7 +18,7 @@ from ..inventory import Cluster
 from ..log import stage
 from ..render import KERNEL_ARGS, render_template
 from ..run import run
-from .context import BuildContext, content_hash, is_fresh, read_stamp, write_stamp
+from .context import BuildContext, content_hash, input_key, is_fresh, write_stamp
 
 SEED_FILES = ("user-data", "meta-data", "network-config")
 
@@ -35,7 +35,7 @@ def build_iso(ctx: BuildContext, cluster: Cluster, rendered: Path, netboot: Path
     out = ctx.out / "images" / f"{ctx.name}.iso"
     seeds = [rendered / "nodes" / n.name / f for n in cluster.nodes for f in SEED_FILES]
     grub_cfg = render_template("grub-installer.cfg.j2", cluster=cluster, kernel_args=KERNEL_ARGS)
-    key = content_hash(read_stamp(netboot) or "", read_stamp(image_gz) or "", grub_cfg,
+    key = content_hash(input_key(netboot, "netboot"), input_key(image_gz, "image_gz"), grub_cfg,
                        *(p.read_bytes() for p in seeds), Path(__file__))
     if is_fresh(out, key):
         return out
@@ -63,7 +63,7 @@ def build_iso(ctx: BuildContext, cluster: Cluster, rendered: Path, netboot: Path
 def build_usb(ctx: BuildContext, iso: Path) -> Path:
     """The USB image: the hybrid ISO is a valid disk image; write it to a stick with dd."""
     out = ctx.out / "images" / f"{ctx.name}-usb.img"
-    key = content_hash(read_stamp(iso) or "")
+    key = content_hash(input_key(iso, "iso"))
     if is_fresh(out, key):
         return out
     with atomic_path(out) as tmp:

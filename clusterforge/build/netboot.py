@@ -14,7 +14,7 @@ from pathlib import Path
 from ..fsutil import atomic_path
 from ..log import stage
 from ..run import run
-from .context import BuildContext, content_hash, is_fresh, read_stamp, write_stamp
+from .context import BuildContext, content_hash, input_key, is_fresh, write_stamp
 from .loop import mounted_root
 
 GZIP_CHUNK = 8 * 1024**2
@@ -23,7 +23,7 @@ GZIP_CHUNK = 8 * 1024**2
 def build_netboot(ctx: BuildContext, raw: Path) -> Path:
     """dist/images/netboot/{vmlinuz,initrd.img,root.squashfs}, cached on the raw image's key."""
     out = ctx.out / "images" / "netboot"
-    key = content_hash(read_stamp(raw) or "", Path(__file__))
+    key = content_hash(input_key(raw, "raw"), Path(__file__))
     if is_fresh(out, key):
         return out
     with stage("netboot: kernel, initrd, squashfs root"), atomic_path(out) as tmp:
@@ -42,7 +42,7 @@ def build_netboot(ctx: BuildContext, raw: Path) -> Path:
 def build_image_gz(ctx: BuildContext, raw: Path) -> Path:
     """dist/images/<name>.raw.gz: what the installers stream onto a disk."""
     out = ctx.out / "images" / f"{ctx.name}.raw.gz"
-    key = content_hash(read_stamp(raw) or "", "gzip-1")
+    key = content_hash(input_key(raw, "raw"), "gzip-1")
     if is_fresh(out, key):
         return out
     with stage(f"compress {out.name}"), atomic_path(out) as tmp:

@@ -29,7 +29,7 @@ from ..log import die, human_bytes, info, stage
 from ..run import run, which
 from ..seediso import write_seed_iso
 from ..vm import accel as accel_mod
-from .context import BuildContext, MiB, content_hash, drop_stamp, is_fresh, read_stamp, write_stamp
+from .context import BuildContext, MiB, content_hash, drop_stamp, input_key, is_fresh, write_stamp
 
 TEMPLATE = "debian-12.pkr.json.j2"
 PAYLOAD_DEST = "/tmp/clusterforge-payload.tar"
@@ -76,11 +76,8 @@ def overlays_dir(ctx: BuildContext) -> Path:
 
 
 def packer_key(ctx: BuildContext) -> str:
-    base = read_stamp(ctx.base_disk)
-    if base is None:
-        die(f"no finished base disk at {ctx.base_disk}", hint="build the disk stage first")
     return content_hash(
-        base,
+        input_key(ctx.base_disk, "disk"),
         template_path(ctx),
         provision_dir(ctx),
         reset_script(ctx),
