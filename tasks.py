@@ -36,11 +36,18 @@ def render(c, inventory=INVENTORY, out="dist", state="state", verbose=False):
     print(cli.render_summary(cluster, target))
 
 
-@task(help=opts("inventory", "out", "state", "verbose"))
+@task(help=opts("inventory", "verbose"))
 @user_errors
-def demo(c, inventory=INVENTORY, out="dist", state="state", verbose=False):
-    """The main job on the example inventory: render it and summarise what was produced."""
-    render(c, inventory=inventory, out=out, state=state, verbose=verbose)
+def demo(c, inventory=INVENTORY, verbose=False):
+    """The main job on the example inventory: render it, build the image, boot it as a QEMU cluster."""
+    render(c, inventory=inventory, verbose=verbose)
+    cli.print_artifacts(cli.build_image())
+    vms = cli.cluster_vms(inventory)
+    timeline = vms.up()
+    for name, phases in timeline.items():
+        print(f"{name}: " + "  ".join(f"{phase} {t:.0f}s" for phase, t in phases.items()))
+    print(f"\nthe cluster is running: ./forge cluster.status | cluster.ssh s1 | cluster.console s1\n"
+          f"stop it with ./forge cluster.down (logs: {vms.dir}/)")
 
 
 # ---------------------------------------------------------------- image factory
