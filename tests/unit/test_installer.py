@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,21 @@ def test_copy_image_writes_every_block(tmp_path: Path) -> None:
 def test_partition_path() -> None:
     assert installer.partition_path("/dev/vda", 3) == "/dev/vda3"
     assert installer.partition_path("/dev/nvme0n1", 3) == "/dev/nvme0n1p3"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root for a loop device")
+def test_copy_image_onto_a_block_device_zeroes_old_data(tmp_path: Path) -> None:
+    payload = b"head" + b"\0" * (9 * 1024**2) + b"tail"
+    image = tmp_path / "image.raw.gz"
+    image.write_bytes(gzip.compress(payload))
+    backing = tmp_path / "disk"
+    backing.write_bytes(b"\xff" * (16 * 1024**2))
+    device = subprocess.run(["losetup", "--find", "--show", str(backing)], check=True, capture_output=True,
+                            text=True).stdout.strip()
+    try:
+        assert installer.copy_image(str(image), device) == len(payload)
+    finally:
+        subprocess.run(["losetup", "--detach", device], check=True)
+    data = backing.read_bytes()
+    assert data[:len(payload)] == payload
+    assert data[len(payload):] == b"\xff" * (len(data) - len(payload))
