@@ -20,7 +20,9 @@ HELP = {"inventory": "inventory YAML (default examples/cluster.yaml)",
         "cmd": "command to run instead of a shell", "boot": "disk (default) or pxe",
         "timeout": "seconds to wait for guests to power off",
         "interface": "network interface to serve on (needs an address in the subnet)",
-        "mode": "dhcp (isolated network, default) or proxy (beside an existing DHCP server)"}
+        "mode": "dhcp (isolated network, default) or proxy (beside an existing DHCP server)",
+        "os": "debian-12 (default, built from Debian packages) or ubuntu-24.04 (needs --iso)",
+        "iso": "an Ubuntu 24.04 server ISO, for --os ubuntu-24.04"}
 
 
 def opts(*names: str) -> dict[str, str]:
@@ -52,12 +54,16 @@ def demo(c, inventory=INVENTORY, verbose=False):
 
 # ---------------------------------------------------------------- image factory
 
-@task(help=opts("verbose"))
+@task(help=opts("os", "iso", "verbose"))
 @user_errors
-def image(c, verbose=False):
+def image(c, os="debian-12", iso="", verbose=False):
     """Build the generic node image: dist/images/<name>.qcow2 and .raw (no-op when unchanged)."""
-    artifacts = cli.build_image()
-    cli.print_artifacts(artifacts)
+    if os == "ubuntu-24.04":
+        print(cli.build_ubuntu(iso))
+    elif os == "debian-12":
+        cli.print_artifacts(cli.build_image())
+    else:
+        raise cli.UserError(f"--os must be debian-12 or ubuntu-24.04, not '{os}'")
 
 
 @task(help=opts("verbose"))

@@ -68,6 +68,15 @@ def build_image() -> Artifacts:
     return build_image(BuildContext.create())
 
 
+def build_ubuntu(iso: str) -> Path:
+    from .build.context import BuildContext
+    from .build.ubuntu import build_ubuntu_qcow2
+
+    if not iso:
+        raise UserError("--os ubuntu-24.04 installs from an Ubuntu ISO", hint="pass --iso PATH")
+    return build_ubuntu_qcow2(BuildContext.create(), Path(iso))
+
+
 def build_netboot() -> Artifacts:
     from .build.context import BuildContext
     from .build.pipeline import build_netboot_files

@@ -20,8 +20,8 @@ rm -f /var/lib/systemd/random-seed /var/lib/systemd/credential.secret
 
 # New host keys per node (cloud-init's ssh module, or clusterforge-ssh-keygen).
 rm -f /etc/ssh/ssh_host_*
-# The build's throwaway key, and anything root's session wrote.
-rm -rf /root/.ssh
+# The build's throwaway key (root's on Debian, the forge user's on Ubuntu), and anything root's session wrote.
+rm -rf /root/.ssh /home/*/.ssh
 rm -f /root/.bash_history /root/.python_history /root/.lesshst /root/.wget-hsts
 
 # The build VM's journal, login records and temporary files. journald moves to

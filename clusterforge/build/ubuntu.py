@@ -1,0 +1,88 @@
+"""os: ubuntu-24.04: the node image installed by Ubuntu's own installer from the user's ISO.
+
+Packer boots the ISO, serves the autoinstall over its HTTP server, waits for SSH as the
+build user, then lays in the same payload, provisioning and identity reset as the Debian
+image. No Ubuntu ISO can be had on the machines this is developed on: the template is
+checked with `packer validate` in tests, the build itself is not run there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jinja2
+
+from ..fsutil import atomic_path
+from ..log import die, stage
+from ..packages import disabled_units, package_set
+from ..run import run, which
+from ..vm import accel as accel_mod
+from .context import BuildContext
+from .packer import PAYLOAD_DEST, provision_dir, reset_script, stream, write_payload
+
+TEMPLATE = "ubuntu-24.04.pkr.json.j2"
+AUTOINSTALL = "ubuntu-autoinstall.yaml.j2"
+NAME = "clusterforge-ubuntu-24.04"
+DISK_MIB = 8192
+MEMORY_MIB = 4096  # subiquity wants more than the Debian build's 2 GiB
+SERVICES = ("etcd", "ceph", "slurm", "wireguard")
+
+
+def _render(name: str, values: dict[str, object], root: Path) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(root / "images")),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             trim_blocks=True, lstrip_blocks=True, autoescape=False)
+    env.filters["tojson"] = json.dumps
+    return env.get_template(name).render(**values)
+
+
+def prepare(ctx: BuildContext, iso: Path, work: Path, accel: accel_mod.Accel) -> Path:
+    """Write the Packer template, the autoinstall it serves, the build key and the payload
+    into work/; returns the template's path."""
+    if not iso.is_file():
+        die(f"Ubuntu ISO not found: {iso}", hint="pass --iso PATH to an Ubuntu 24.04 server ISO")
+    work.mkdir(parents=True, exist_ok=True)
+    key = work / "build-key"
+    if not key.exists():
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "clusterforge-build", "-f", key])
+    http = work / "http"
+    http.mkdir(exist_ok=True)
+    packages = ["chrony", "python3-yaml", "jq", "zstd"] + [p for s in SERVICES for p in package_set(s)]
+    (http / "user-data").write_text(_render(AUTOINSTALL, {
+        "packages": packages, "disabled_units": disabled_units(),
+        "build_key": key.with_suffix(".pub").read_text().strip()}, ctx.root))
+    (http / "meta-data").write_text("instance-id: clusterforge-ubuntu-build\n")
+    payload = work / "payload.tar"
+    write_payload(ctx, payload)
+    template = work / "packer.json"
+    template.write_text(_render(TEMPLATE, {
+        "vm_name": f"{NAME}.qcow2", "output_dir": str(work / "out"), "iso": str(iso.resolve()),
+        "disk_size_mib": DISK_MIB, "accelerator": accel.name,
+        "cpu": accel.args[accel.args.index("-cpu") + 1], "cpus": 2, "memory_mib": MEMORY_MIB,
+        "http_dir": str(http), "ssh_key": str(key), "serial_log": str(work / "serial.log"),
+        "payload": str(payload), "payload_dest": PAYLOAD_DEST,
+        "provision_scripts": [str(p) for p in sorted(provision_dir(ctx).glob("*.sh"))],
+        "reset_script": str(reset_script(ctx)),
+    }, ctx.root))
+    return template
+
+
+def build_ubuntu_qcow2(ctx: BuildContext, iso: Path) -> Path:
+    out = ctx.out / "images" / f"{NAME}.qcow2"
+    work = ctx.cache / "packer-ubuntu"
+    accel = accel_mod.choose()
+    with stage(f"packer: {out.name} from {iso.name} ({accel.name})"), atomic_path(out) as tmp:
+        template = prepare(ctx, iso, work, accel)
+        env = {k: v for k, v in os.environ.items() if k not in ("PACKER_LOG", "PACKER_LOG_PATH")}
+        env.update(CHECKPOINT_DISABLE="1", PACKER_NO_COLOR="1")
+        code, tail = stream([which("packer"), "build", "-color=false", str(template)], env, cwd=work,
+                            log=work / "packer.log")
+        built = work / "out" / f"{NAME}.qcow2"
+        if code != 0 or not built.is_file():
+            die("packer build of the Ubuntu image failed:\n" + "".join(tail).rstrip(),
+                hint=f"packer's output: {work / 'packer.log'}; the VM's console: {work / 'serial.log'}")
+        os.replace(built, tmp)
+    return out
+
