@@ -38,11 +38,15 @@ def _render(name: str, values: dict[str, object], root: Path) -> str:
     return env.get_template(name).render(**values)
 
 
+def _check_iso(iso: Path) -> None:
+    if not iso.is_file():
+        die(f"Ubuntu ISO not found: {iso}", hint="pass --iso PATH to an Ubuntu 24.04 server ISO")
+
+
 def prepare(ctx: BuildContext, iso: Path, work: Path, accel: accel_mod.Accel) -> Path:
     """Write the Packer template, the autoinstall it serves, the build key and the payload
     into work/; returns the template's path."""
-    if not iso.is_file():
-        die(f"Ubuntu ISO not found: {iso}", hint="pass --iso PATH to an Ubuntu 24.04 server ISO")
+    _check_iso(iso)
     work.mkdir(parents=True, exist_ok=True)
     key = work / "build-key"
     if not key.exists():
@@ -72,6 +76,7 @@ def prepare(ctx: BuildContext, iso: Path, work: Path, accel: accel_mod.Accel) ->
 def build_ubuntu_qcow2(ctx: BuildContext, iso: Path) -> Path:
     out = ctx.out / "images" / f"{NAME}.qcow2"
     work = ctx.cache / "packer-ubuntu"
+    _check_iso(iso)
     accel = accel_mod.choose()
     with stage(f"packer: {out.name} from {iso.name} ({accel.name})"), atomic_path(out) as tmp:
         template = prepare(ctx, iso, work, accel)
