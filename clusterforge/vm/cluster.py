@@ -143,22 +143,23 @@ class ClusterVMs:
     def wait_ready(self, nodes: list[Node], timeout: float) -> None:
         """Watch every node's console for the boot phases, then SSH: hostname and cloud-init done."""
         deadline = time.monotonic() + timeout
-        pending = {n.name: list(boot_phases()) for n in nodes}
-        while any(pending.values()):
+        phases = [(name, re.compile(pattern, re.MULTILINE)) for name, pattern in boot_phases()
+                  if name != "seed"]  # the console may go quiet once the serial getty starts: SSH says
+        waiting = {n.name for n in nodes}
+        while waiting:
             for node in nodes:
                 m = self.machine(node)
-                phases = pending[node.name]
                 text = m.console_text()
-                while phases and _search(phases[0][1], text):
-                    m.timeline.mark(phases.pop(0)[0])
-                if phases and phases[0][0] == "seed" and "multi-user" in m.timeline.phases:
-                    phases.pop(0)  # the console may go quiet once the serial getty starts: ask over SSH
-                if not m.running:
+                for name, pattern in phases:
+                    if name not in m.timeline.phases and pattern.search(text):
+                        m.timeline.mark(name)
+                if "multi-user" in m.timeline.phases:
+                    waiting.discard(node.name)
+                elif not m.running:
                     raise m.error("QEMU exited during boot")
-            if time.monotonic() > deadline:
-                stuck = [f"{name} (waiting for {p[0][0]})" for name, p in pending.items() if p]
-                raise MachineError(f"boot timed out after {timeout:.0f}s: {', '.join(stuck)}; "
-                                   f"logs in {self.dir}/<node>/")
+            if waiting and time.monotonic() > deadline:
+                raise MachineError(f"boot timed out after {timeout:.0f}s: {', '.join(sorted(waiting))} did not "
+                                   f"reach multi-user; logs in {self.dir}/<node>/")
             time.sleep(0.5)  # consoles are log files: poll them
         for node in nodes:
             m = self.machine(node)
@@ -286,3 +287,4 @@ class ClusterVMs:
 
 def _search(pattern: str, text: str) -> bool:
     return re.search(pattern, text, re.MULTILINE) is not None
+

@@ -105,6 +105,12 @@ class Machine:
                             f"logfile={self.console_log},logappend=on",
                 "-serial", "chardev:con",
                 "-device", "virtio-rng-pci"]
+        if s.firmware == "bios":
+            # SeaBIOS (and the iPXE ROM it runs) mirror their screen to COM1: the firmware and
+            # network boot show in the console log. The port is read as a little-endian integer.
+            sercon = self.dir / "sercon-port.bin"
+            sercon.write_bytes((0x3F8).to_bytes(2, "little"))
+            argv += ["-fw_cfg", f"name=etc/sercon-port,file={sercon}"]
         if s.firmware == "uefi":
             vars_copy = self.dir / "OVMF_VARS.fd"
             if not vars_copy.exists():
