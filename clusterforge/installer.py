@@ -218,6 +218,9 @@ def partition_path(disk: str, number: int) -> str:
 
 
 def install_seed(disk: str, files: dict[str, bytes]) -> None:
+    # The image's backup GPT sits where the image ended, not at the end of this (larger) disk:
+    # move it there, as firmware and partitioning tools expect.
+    subprocess.run(["sgdisk", "--move-second-header", disk], check=True, capture_output=True)
     subprocess.run(["partprobe", disk], check=False)
     subprocess.run(["udevadm", "settle"], check=False)
     with mounted(partition_path(disk, ROOT_PARTITION)) as root:

@@ -31,7 +31,7 @@ IPXE_FILES = ("undionly.kpxe", "ipxe.efi")
 NETBOOT_FILES = ("netboot/vmlinuz", "netboot/initrd.img", "netboot/root.squashfs", f"{IMAGE_NAME}.raw.gz")
 DHCP_PROBE_SECONDS = 3.0
 # dnsmasq lines worth showing: leases handed out and files sent over TFTP.
-INTERESTING = ("DHCPACK", "DHCPOFFER(", "PXE(", "sent ", "failed sending", "error", "warning")
+INTERESTING = ("DHCPACK", "PXE(", "sent /", "failed sending", "error", "warning")
 
 
 def interface_address(interface: str, cluster: Cluster) -> IPv4Address:
@@ -41,9 +41,11 @@ def interface_address(interface: str, cluster: Cluster) -> IPv4Address:
         die(f"no network interface '{interface}'", hint="list them with: ip -br addr")
     addresses = [IPv4Interface(f"{a['local']}/{a['prefixlen']}")
                  for entry in json.loads(proc.stdout or "[]") for a in entry.get("addr_info", [])]
-    for address in addresses:
-        if address.ip in cluster.network.subnet:
-            return address.ip
+    inside = [a.ip for a in addresses if a.ip in cluster.network.subnet]
+    if cluster.network.boot_server in inside:  # the address the rendered files name
+        return cluster.network.boot_server
+    if inside:
+        return inside[0]
     have = ", ".join(str(a) for a in addresses) or "no IPv4 address"
     die(f"interface {interface} has no address in the cluster's subnet {cluster.network.subnet} ({have})",
         hint=f"give it one, e.g.: ip addr add {cluster.network.boot_server}/{cluster.network.subnet.prefixlen} "
