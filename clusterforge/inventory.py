@@ -21,6 +21,7 @@ from .yamlsource import Field, Section, Value
 
 SCHEMA_VERSION = 1
 HTTP_PORT = 8080  # where the PXE server's HTTP side listens; iPXE scripts point at it
+IMAGE_NAME = "clusterforge-debian-12"  # the node image's file names, which iPXE scripts name too
 RESERVED_NAMES = {"images", "release", "cache", "runs", "netboot"}  # siblings in dist/
 
 

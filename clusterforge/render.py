@@ -20,13 +20,12 @@ import jinja2
 
 from . import secrets as secrets_mod
 from .fsutil import atomic_path
-from .inventory import HTTP_PORT, Cluster, Node, Role
+from .inventory import HTTP_PORT, IMAGE_NAME, Cluster, Node, Role
 from .packages import disabled_units, service_packages
 from .seediso import seed_iso_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_DIRS = (ROOT / "autoinstall", ROOT / "pxe")
-IMAGE_NAME = "clusterforge-debian-12"
 KERNEL_ARGS = "console=tty0 console=ttyS0,115200"
 
 

@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..inventory import IMAGE_NAME
+
 MiB = 1024**2
 GiB = 1024**3
 
@@ -34,7 +36,7 @@ _HASH_IGNORE = {"__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
 class BuildContext:
     root: Path = REPO_ROOT
     out: Path = REPO_ROOT / "dist"
-    name: str = "clusterforge-debian-12"
+    name: str = IMAGE_NAME
     suite: str = "bookworm"
     mirror: str = "http://deb.debian.org/debian"
     security_mirror: str = "http://deb.debian.org/debian-security"
