@@ -96,13 +96,10 @@ def make_disk(ctx: BuildContext, disk: Path, work: Path) -> None:
     copy_into(root_img, disk, root.offset)
     root_img.unlink()
 
-    early = work / "early.cfg"
-    # Search by UUID, not (hd0,gpt3): the disk is not always the first one.
-    early.write_text(f"search --no-floppy --fs-uuid --set=root {ctx.root_uuid}\nset prefix=($root)/boot/grub\n")
     efi = work / "BOOTX64.EFI"
     core = work / "core.img"
-    mkimage(rootfs, "x86_64-efi", early, efi)
-    mkimage(rootfs, "i386-pc", early, core)
+    mkimage(rootfs, "x86_64-efi", ctx.root_uuid, efi)
+    mkimage(rootfs, "i386-pc", ctx.root_uuid, core)
 
     esp_img = work / "esp.img"
     run(["mkfs.vfat", "-F", "32", "-n", "ESP", "-i", ctx.esp_volume_id,
@@ -148,12 +145,21 @@ def copy_into(image: Path, disk: Path, offset: int) -> None:
          "conv=notrunc,sparse", "status=none"])  # fmt: skip
 
 
-def mkimage(rootfs: Path, platform: str, early: Path, output: Path) -> None:
-    # GRUB from the image itself, so boot code and /boot/grub modules match.
+def mkimage(rootfs: Path, platform: str, root_uuid: str, output: Path) -> None:
+    """A GRUB that finds the root filesystem by UUID and runs its /boot/grub/grub.cfg.
+
+    GRUB comes from the image itself, so boot code and /boot/grub modules match.
+    Searching by UUID, not (hd0,gpt3), because the disk is not always the first one;
+    and so the same EFI binary also boots the installed disk when iPXE loads it over
+    HTTP (see netboot.py).
+    """
     modules = GRUB_MODULES + GRUB_PLATFORM_MODULES[platform]
     fmt = "x86_64-efi" if platform == "x86_64-efi" else "i386-pc"
-    run(["grub-mkimage", "-d", rootfs / "usr/lib/grub" / platform, "-O", fmt,
-         "-o", output, "-c", early, "-p", "/boot/grub", *modules])  # fmt: skip
+    with tempfile.NamedTemporaryFile("w", suffix=".cfg") as early:
+        early.write(f"search --no-floppy --fs-uuid --set=root {root_uuid}\nset prefix=($root)/boot/grub\n")
+        early.flush()
+        run(["grub-mkimage", "-d", rootfs / "usr/lib/grub" / platform, "-O", fmt,
+             "-o", output, "-c", early.name, "-p", "/boot/grub", *modules])  # fmt: skip
 
 
 def install_bios_boot(disk: Path, boot_img: bytes, core_img: bytes, bios: Partition) -> None:

@@ -3,6 +3,11 @@
 The same three files boot a diskless node (`boot=live fetch=<squashfs URL>`), the PXE
 installer, and (copied onto it) the ISO/USB installer. Also the gzip-compressed raw
 image the installers write to disk.
+
+And localboot.efi: the installed disk's own GRUB (it finds the root filesystem by
+UUID), which the PXE server hands to UEFI machines that are already installed. Going
+back to the firmware with iPXE's `exit` is not enough there: firmware such as OVMF
+then shows its setup menu instead of trying the next boot device.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from pathlib import Path
 from ..fsutil import atomic_path
 from ..log import stage
 from ..run import run
+from . import disk
 from .context import BuildContext, content_hash, input_key, is_fresh, write_stamp
 from .loop import mounted_root
 
@@ -21,9 +27,9 @@ GZIP_CHUNK = 8 * 1024**2
 
 
 def build_netboot(ctx: BuildContext, raw: Path) -> Path:
-    """dist/images/netboot/{vmlinuz,initrd.img,root.squashfs}, cached on the raw image's key."""
+    """dist/images/netboot/{vmlinuz,initrd.img,root.squashfs,localboot.efi}, cached on the raw image's key."""
     out = ctx.out / "images" / "netboot"
-    key = content_hash(input_key(raw, "raw"), Path(__file__))
+    key = content_hash(input_key(raw, "raw"), Path(__file__), Path(disk.__file__))
     if is_fresh(out, key):
         return out
     with stage("netboot: kernel, initrd, squashfs root"), atomic_path(out) as tmp:
@@ -31,6 +37,7 @@ def build_netboot(ctx: BuildContext, raw: Path) -> Path:
         with mounted_root(raw) as root:
             shutil.copyfile((root / "vmlinuz").resolve(), tmp / "vmlinuz")
             shutil.copyfile((root / "initrd.img").resolve(), tmp / "initrd.img")
+            disk.mkimage(root, "x86_64-efi", ctx.root_uuid, tmp / "localboot.efi")
             # /etc/fstab names the disk's partitions, which a diskless node has not got;
             # live-boot writes its own.
             run(["mksquashfs", str(root), str(tmp / "root.squashfs"), "-comp", "zstd", "-noappend",

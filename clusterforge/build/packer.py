@@ -3,7 +3,8 @@
 Packer boots the base disk (which holds no key: the build VM gets a throwaway
 one from a NoCloud seed on an extra CD-ROM), uploads overlays/ and the
 clusterforge package as one tar, runs images/provision/*.sh in order and then
-images/reset-identity.sh, shuts the VM down and writes a compressed qcow2.
+images/reset-identity.sh and shuts the VM down; its disk is then compressed
+(zstd) into the qcow2.
 
 This stage, not the rootfs, carries everything that changes often (the package,
 overlays, provisioning), so editing them costs a Packer run, never mmdebstrap.
@@ -101,13 +102,19 @@ def build_qcow2(ctx: BuildContext) -> Path:
         remove_path(work)
         work.mkdir(parents=True)
         built = run_packer(ctx, work, accel, instance=key[:12])
-        os.replace(built, tmp)
+        compress(built, tmp)
         # The key is throwaway and the image no longer trusts it; don't keep it around.
         for leftover in ("out", "packer_cache", "payload.tar", "build-key", "build-key.pub"):
             remove_path(work / leftover)
     write_stamp(out, key)
     info(f"packer: {out} ({human_bytes(out.stat().st_size)})")
     return out
+
+
+def compress(built: Path, out: Path) -> None:
+    """Packer's disk, compressed with zstd: four times faster than Packer's own zlib
+    compaction, as small. Reading it needs QEMU 5.1 or later."""
+    run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", built, out])
 
 
 def run_packer(ctx: BuildContext, work: Path, accel: accel_mod.Accel, instance: str) -> Path:

@@ -21,7 +21,15 @@ from ..fsutil import write_atomic
 from ..inventory import Cluster
 from .discovery import Discoveries
 
-LOCAL_BOOT = b"#!ipxe\n# installed: boot from the local disk (the firmware's next boot device)\nexit\n"
+# An installed node's script. UEFI: load the installed disk's own GRUB over HTTP (it
+# finds its root filesystem by UUID), because UEFI firmware such as OVMF shows its setup
+# menu when iPXE exits instead of trying the next boot device. BIOS: exit to the
+# firmware, which boots the next device, the disk.
+LOCAL_BOOT = b"""#!ipxe
+# installed: boot from the local disk
+iseq ${platform} efi && chain --autofree ${base}/images/netboot/localboot.efi ||
+exit
+"""
 CHUNK = 1024 * 1024
 
 
@@ -116,7 +124,7 @@ def make_handler(cluster: Cluster, rendered: Path, images: Path, discoveries: Di
                 except (BrokenPipeError, ConnectionResetError):
                     log(f"{self.who()}: {self.path} interrupted")
                     return
-            if size > CHUNK or path.suffix == ".ipxe":
+            if size > CHUNK or path.suffix in (".ipxe", ".efi"):
                 log(f"{self.who()}: sent {self.path} ({size / 2**20:.1f} MiB)")
 
     return Handler

@@ -28,7 +28,8 @@ from .http import HttpServer, Installed, make_handler
 
 IPXE_DIR = Path("/usr/lib/ipxe")
 IPXE_FILES = ("undionly.kpxe", "ipxe.efi")
-NETBOOT_FILES = ("netboot/vmlinuz", "netboot/initrd.img", "netboot/root.squashfs", f"{IMAGE_NAME}.raw.gz")
+NETBOOT_FILES = ("netboot/vmlinuz", "netboot/initrd.img", "netboot/root.squashfs", "netboot/localboot.efi",
+                 f"{IMAGE_NAME}.raw.gz")
 DHCP_PROBE_SECONDS = 3.0
 # dnsmasq lines worth showing: leases handed out and files sent over TFTP.
 INTERESTING = ("DHCPACK", "PXE(", "sent /", "failed sending", "error", "warning")

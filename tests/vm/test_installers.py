@@ -1,4 +1,5 @@
-"""The installers for real: the ISO on an empty disk, an unknown machine, a diskless netboot."""
+"""The installers for real: the USB image on an empty disk, the ISO on an unknown machine,
+a diskless netboot."""
 
 from __future__ import annotations
 
@@ -40,13 +41,19 @@ def node_net(lab: Lab, node: inventory.Node) -> tuple[str, Target]:
     return net, Target("127.0.0.1", state / cluster.name / "ssh" / "id_ed25519", port=port)
 
 
-def test_iso_installs_and_boots_from_disk(installers: pipeline.Artifacts, lab: Lab, rundir: Path) -> None:
-    assert installers.iso is not None
+def test_usb_installs_under_uefi_and_boots_from_disk(installers: pipeline.Artifacts, lab: Lab,
+                                                     rundir: Path) -> None:
+    """The USB image (the hybrid ISO as written to a stick) under UEFI (OVMF). The stick is
+    writable, not flagged removable and /dev/sda, first by name: the installer must pass
+    over its own boot device and write /dev/vda. (The ISO as a CD under BIOS is booted by
+    the unknown-machine test below.)"""
+    assert installers.usb is not None
+    stick = rundir / "stick.qcow2"  # a writable overlay: the artifact itself stays untouched
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(installers.usb), "-F", "raw", str(stick)])
     node = lab[0].node("s1")
     net, target = node_net(lab, node)
-    spec = MachineSpec(name="s1", memory_mb=2048, cpus=2,
-                       drives=(empty_disk(rundir / "disk.qcow2"),
-                               Drive(installers.iso, format="raw", media="cdrom", bootindex=2)),
+    spec = MachineSpec(name="s1", memory_mb=2048, cpus=2, firmware="uefi",
+                       drives=(empty_disk(rundir / "disk.qcow2"), Drive(stick, media="usb", bootindex=2)),
                        nics=(Nic(node.mac, net),))
     with Machine(spec, rundir) as m:
         m.wait_console(r"clusterforge-installer: machine 52:54:00:00:00:11 is node s1", 600, phase="installer")
@@ -55,6 +62,7 @@ def test_iso_installs_and_boots_from_disk(installers: pipeline.Artifacts, lab: L
         target.wait(120)
         assert target.run("hostname").stdout.strip() == "s1"
         assert target.run("findmnt -n -o SOURCE /").stdout.strip() == "/dev/vda3"
+        assert target.run("lsblk -n -d -o NAME,TRAN /dev/sda").stdout.split() == ["sda", "usb"]
         m.shutdown()
 
 
