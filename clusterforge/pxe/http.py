@@ -76,7 +76,9 @@ def make_handler(cluster: Cluster, rendered: Path, images: Path, discoveries: Di
             url = urllib.parse.urlsplit(self.path)
             parts = [p for p in url.path.split("/") if p]
             if parts[:1] == ["discover"]:
-                report = {k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()}
+                # iPXE's uristring escapes no "+", so it means itself, not a space.
+                query = url.query.replace("+", "%2B")
+                report = {k: v[0] for k, v in urllib.parse.parse_qs(query).items()}
                 mac = discoveries.record(report)
                 log(f"{self.who()}: unknown machine {mac or '?'} reported itself ({report.get('platform', '?')})")
                 return self.reply(200, b"#!ipxe\n", "text/plain", head)

@@ -30,7 +30,11 @@ IPXE_DIR = Path("/usr/lib/ipxe")
 IPXE_FILES = ("undionly.kpxe", "ipxe.efi")
 NETBOOT_FILES = ("netboot/vmlinuz", "netboot/initrd.img", "netboot/root.squashfs", "netboot/localboot.efi",
                  f"{IMAGE_NAME}.raw.gz")
-DHCP_PROBE_SECONDS = 3.0
+# How long to listen for another DHCP server's offer. Servers check that an address is
+# free before offering it (dnsmasq pings it for 3 s, ISC dhcpd for 1 s), so the probe,
+# like a real client, listens longer than that and repeats its DHCPDISCOVER.
+DHCP_PROBE_SECONDS = 6.0
+DHCP_PROBE_RESEND_SECONDS = 2.0
 # dnsmasq lines worth showing: leases handed out and files sent over TFTP.
 INTERESTING = ("DHCPACK", "PXE(", "sent /", "failed sending", "error", "warning")
 
@@ -74,14 +78,17 @@ def other_dhcp_server(interface: str) -> str | None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         s.bind(("0.0.0.0", 68))
-        s.sendto(packet, ("255.255.255.255", 67))
-        deadline = time.monotonic() + DHCP_PROBE_SECONDS
-        while (left := deadline - time.monotonic()) > 0:
-            s.settimeout(left)
+        now = time.monotonic()
+        deadline, resend = now + DHCP_PROBE_SECONDS, now
+        while (now := time.monotonic()) < deadline:
+            if now >= resend:
+                s.sendto(packet, ("255.255.255.255", 67))
+                resend = now + DHCP_PROBE_RESEND_SECONDS
+            s.settimeout(min(resend, deadline) - now)
             try:
                 data, (sender, _) = s.recvfrom(2048)
             except TimeoutError:
-                break
+                continue
             if len(data) > 240 and data[0] == 2 and struct.unpack("!I", data[4:8])[0] == xid:
                 return str(sender)
     return None

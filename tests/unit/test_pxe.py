@@ -71,12 +71,13 @@ def test_install_report_switches_to_local_boot(served: tuple[str, list[str]]) ->
 
 def test_discovery(served: tuple[str, list[str]], example: inventory.Cluster, state: Path) -> None:
     base, _ = served
-    get(f"{base}/discover?mac=52-54-00-99-99-99&platform=pcbios&product=Standard%20PC&uuid=")
+    # As iPXE sends it: a uristring leaves "+" as is, and "+" is no space here.
+    get(f"{base}/discover?mac=52-54-00-99-99-99&platform=pcbios&product=Standard%20PC%20(Q35+ICH9)&uuid=")
     get(f"{base}/discover?mac=52-54-00-00-00-11&platform=efi")  # a known node: not listed
     get(f"{base}/discover?mac=garbage")
     listed = Discoveries(state, example).as_inventory()
     assert '  - mac: "52:54:00:99:99:99"' in listed
-    assert "platform pcbios, product Standard PC" in listed
+    assert "platform pcbios, product Standard PC (Q35+ICH9)" in listed
     assert "52:54:00:00:00:11" not in listed
     import yaml  # the listing is YAML that pastes under nodes:
 

@@ -7,7 +7,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
@@ -38,26 +40,27 @@ class Site:
         return Target(str(node.ip), self.state / self.cluster.name / "ssh" / "id_ed25519", netns=self.net.netns)
 
 
-@pytest.fixture(scope="module")
-def site(build_ctx: BuildContext, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    pipeline.build_netboot_files(build_ctx)
-    cluster = inventory.load(INVENTORY)
-    state = tmp_path_factory.mktemp("pxe") / "state"
-    render.render(cluster, build_ctx.out, state)  # creates the secrets the nodes' seeds carry
-    net = ClusterNet(cluster.name, cluster.network.subnet, cluster.network.gateway)
-    net.create([n.name for n in cluster.nodes] + ["stranger"])
-    net.add_address(cluster.network.boot_server)
-    rundir = RUNS / "pxe-server"
+def start_server(net: ClusterNet, dist: Path, state: Path, rundir: Path, mode: str) -> subprocess.Popen[bytes]:
+    """`python -m clusterforge.pxe` on the namespace's bridge; its output goes to rundir/server.log."""
     rundir.mkdir(parents=True, exist_ok=True)
-    log = rundir / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen(
+    with open(rundir / "server.log", "w") as out:
+        return subprocess.Popen(
             ["ip", "netns", "exec", net.netns, sys.executable, "-m", "clusterforge.pxe",
-             "--inventory", str(INVENTORY), "--interface", net.bridge, "--dist", str(build_ctx.out),
+             "--inventory", str(INVENTORY), "--interface", net.bridge, "--mode", mode, "--dist", str(dist),
              "--state", str(state), "--runs", str(rundir)], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+@contextmanager
+def serving(build_ctx: BuildContext, net: ClusterNet, state: Path, rundir: Path, mode: str) -> Iterator[Site]:
+    """The PXE server running on net (already created); stopped on exit, leaving no dnsmasq."""
+    cluster = inventory.load(INVENTORY)
+    render.render(cluster, build_ctx.out, state)  # creates the secrets the nodes' seeds carry
+    net.add_address(cluster.network.boot_server)
+    log = rundir / "server.log"
+    server = start_server(net, build_ctx.out, state, rundir, mode)
     try:
         deadline = time.monotonic() + 60
-        while "serving cluster pxelab" not in log.read_text():
+        while f"serving cluster {cluster.name}" not in log.read_text():
             assert server.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
@@ -66,8 +69,90 @@ def site(build_ctx: BuildContext, tmp_path_factory: pytest.TempPathFactory) -> I
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
         leftover = subprocess.run(["pgrep", "-f", f"dnsmasq.*{rundir}"], capture_output=True, text=True).stdout
-        net.destroy()
         assert leftover == "", f"dnsmasq left running: {leftover}"
+
+
+@pytest.fixture(scope="module")
+def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One state for both servers: they render the same files into the same dist."""
+    return tmp_path_factory.mktemp("pxe") / "state"
+
+
+@pytest.fixture(scope="module")
+def site(build_ctx: BuildContext, state: Path) -> Iterator[Site]:
+    """Full DHCP: the PXE server is the only DHCP server on an isolated network."""
+    pipeline.build_netboot_files(build_ctx)
+    cluster = inventory.load(INVENTORY)
+    net = ClusterNet(cluster.name, cluster.network.subnet, cluster.network.gateway)
+    net.create([n.name for n in cluster.nodes] + ["stranger"])
+    try:
+        with serving(build_ctx, net, state, RUNS / "pxe-server", "dhcp") as s:
+            yield s
+    finally:
+        net.destroy()
+
+
+@dataclass
+class Router:
+    """Another machine on the network that hands out addresses: a plain dnsmasq, no PXE."""
+
+    netns: str
+    address: str
+    pool: tuple[str, str]
+
+
+@contextmanager
+def router_on(net: ClusterNet, rundir: Path) -> Iterator[Router]:
+    router = Router(f"{net.netns}-rtr", str(net.subnet.network_address + 254),
+                    (str(net.subnet.network_address + 100), str(net.subnet.network_address + 150)))
+    run(["ip", "netns", "add", router.netns])
+    try:
+        run(["ip", "-n", net.netns, "link", "add", "rtr0", "type", "veth", "peer", "name", "lan0",
+             "netns", router.netns])
+        run(["ip", "-n", net.netns, "link", "set", "rtr0", "master", net.bridge, "up"])
+        run(["ip", "-n", router.netns, "addr", "add", f"{router.address}/{net.subnet.prefixlen}", "dev", "lan0"])
+        run(["ip", "-n", router.netns, "link", "set", "lan0", "up"])
+        rundir.mkdir(parents=True, exist_ok=True)
+        with open(rundir / "router.log", "w") as out:
+            dnsmasq = subprocess.Popen(
+                ["ip", "netns", "exec", router.netns, "dnsmasq", "--keep-in-foreground", "--log-facility=-",
+                 "--conf-file=/dev/null", "--port=0", "--interface=lan0", "--bind-interfaces",
+                 f"--dhcp-range={router.pool[0]},{router.pool[1]},{net.subnet.netmask},1h",
+                 f"--dhcp-option=option:router,{router.address}", f"--dhcp-leasefile={rundir / 'router.leases'}",
+                 f"--pid-file={rundir / 'router.pid'}", "--user=root", "--group=root"],
+                stdout=out, stderr=subprocess.STDOUT)
+        try:
+            time.sleep(1)
+            assert dnsmasq.poll() is None, (rundir / "router.log").read_text()
+            yield router
+        finally:
+            dnsmasq.terminate()
+            dnsmasq.wait(timeout=10)
+    finally:
+        run(["ip", "netns", "delete", router.netns])
+
+
+@dataclass
+class ProxySite:
+    net: ClusterNet
+    router: Router
+    state: Path
+    rundir: Path
+
+
+@pytest.fixture(scope="module")
+def proxy_net(build_ctx: BuildContext, state: Path) -> Iterator[ProxySite]:
+    """A network whose addresses come from a router; clusterforge may only add boot instructions."""
+    pipeline.build_netboot_files(build_ctx)
+    cluster = inventory.load(INVENTORY)
+    net = ClusterNet(f"{cluster.name}-proxy", cluster.network.subnet, cluster.network.gateway)
+    net.create(["stranger"])
+    rundir = RUNS / "pxe-proxy"
+    try:
+        with router_on(net, rundir) as router:
+            yield ProxySite(net, router, state, rundir)
+    finally:
+        net.destroy()
 
 
 def pxe_machine(site: Site, name: str, mac: str, rundir: Path, firmware: str, disk: bool) -> MachineSpec:
@@ -121,5 +206,38 @@ def test_unknown_machine_is_discovered(site: Site, rundir: Path) -> None:
         while f"unknown machine {STRANGER} reported itself" not in site.log.read_text():
             assert time.monotonic() < deadline, site.log.read_text()
             time.sleep(1)  # the server's log is the only witness: poll it
+    record = Discoveries(site.state, site.cluster).load()[STRANGER]
+    assert {"platform", "ip", "uuid", "manufacturer", "product"} <= record.keys(), record  # all it reported
     listed = Discoveries(site.state, site.cluster).as_inventory()
     assert f'- mac: "{STRANGER}"' in listed
+
+
+def test_dhcp_mode_refuses_beside_another_dhcp_server(build_ctx: BuildContext, proxy_net: ProxySite) -> None:
+    rundir = proxy_net.rundir / "refused"
+    server = start_server(proxy_net.net, build_ctx.out, proxy_net.state, rundir, "dhcp")
+    try:
+        code = server.wait(timeout=60)
+    finally:
+        if server.poll() is None:  # it served: stop it, and its dnsmasq with it
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=30)
+    assert code != 0
+    output = (rundir / "server.log").read_text()
+    assert f"another DHCP server ({proxy_net.router.address}) answers on br0" in output, output
+    assert "--mode proxy" in output
+
+
+def test_proxy_mode_beside_a_router(build_ctx: BuildContext, proxy_net: ProxySite, rundir: Path) -> None:
+    """The router hands out the address, the PXE server only the boot instructions: an unknown
+    machine gets iPXE's menu from clusterforge and is recorded with the router's address."""
+    with serving(build_ctx, proxy_net.net, proxy_net.state, proxy_net.rundir / "server", "proxy") as site:
+        spec = MachineSpec(name="stranger", memory_mb=2048, cpus=2,
+                           nics=(Nic(STRANGER, site.net.netdev("stranger"), bootindex=1),), netns=site.net.netns)
+        with Machine(spec, rundir):
+            deadline = time.monotonic() + 300
+            while f"unknown machine {STRANGER} reported itself" not in site.log.read_text():
+                assert time.monotonic() < deadline, site.log.read_text()
+                time.sleep(1)
+        record = Discoveries(site.state, site.cluster).load()[STRANGER]
+    first, last = (IPv4Address(a) for a in proxy_net.router.pool)
+    assert first <= IPv4Address(record["ip"]) <= last, record
