@@ -98,8 +98,8 @@ def make_disk(ctx: BuildContext, disk: Path, work: Path) -> None:
 
     efi = work / "BOOTX64.EFI"
     core = work / "core.img"
-    mkimage(rootfs, "x86_64-efi", ctx.root_uuid, efi)
-    mkimage(rootfs, "i386-pc", ctx.root_uuid, core)
+    mkimage(rootfs, "x86_64-efi", root_config(ctx.root_uuid), efi)
+    mkimage(rootfs, "i386-pc", root_config(ctx.root_uuid), core)
 
     esp_img = work / "esp.img"
     run(["mkfs.vfat", "-F", "32", "-n", "ESP", "-i", ctx.esp_volume_id,
@@ -145,18 +145,19 @@ def copy_into(image: Path, disk: Path, offset: int) -> None:
          "conv=notrunc,sparse", "status=none"])  # fmt: skip
 
 
-def mkimage(rootfs: Path, platform: str, root_uuid: str, output: Path) -> None:
-    """A GRUB that finds the root filesystem by UUID and runs its /boot/grub/grub.cfg.
+def root_config(root_uuid: str) -> str:
+    """GRUB's embedded config: find the root filesystem by UUID, not (hd0,gpt3), because the
+    disk is not always the first one; then its /boot/grub/grub.cfg, the menu."""
+    return f"search --no-floppy --fs-uuid --set=root {root_uuid}\nset prefix=($root)/boot/grub\n"
 
-    GRUB comes from the image itself, so boot code and /boot/grub modules match.
-    Searching by UUID, not (hd0,gpt3), because the disk is not always the first one;
-    and so the same EFI binary also boots the installed disk when iPXE loads it over
-    HTTP (see netboot.py).
-    """
-    modules = GRUB_MODULES + GRUB_PLATFORM_MODULES[platform]
+
+def mkimage(rootfs: Path, platform: str, config: str, output: Path, modules: list[str] | None = None) -> None:
+    """A GRUB image with config embedded, from the image's own GRUB, so boot code and
+    /boot/grub modules match."""
+    modules = (GRUB_MODULES if modules is None else modules) + GRUB_PLATFORM_MODULES[platform]
     fmt = "x86_64-efi" if platform == "x86_64-efi" else "i386-pc"
     with tempfile.NamedTemporaryFile("w", suffix=".cfg") as early:
-        early.write(f"search --no-floppy --fs-uuid --set=root {root_uuid}\nset prefix=($root)/boot/grub\n")
+        early.write(config)
         early.flush()
         run(["grub-mkimage", "-d", rootfs / "usr/lib/grub" / platform, "-O", fmt,
              "-o", output, "-c", early.name, "-p", "/boot/grub", *modules])  # fmt: skip

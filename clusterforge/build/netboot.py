@@ -4,10 +4,12 @@ The same three files boot a diskless node (`boot=live fetch=<squashfs URL>`), th
 installer, and (copied onto it) the ISO/USB installer. Also the gzip-compressed raw
 image the installers write to disk.
 
-And localboot.efi: the installed disk's own GRUB (it finds the root filesystem by
-UUID), which the PXE server hands to UEFI machines that are already installed. Going
-back to the firmware with iPXE's `exit` is not enough there: firmware such as OVMF
-then shows its setup menu instead of trying the next boot device.
+And localboot.efi, which the PXE server hands to UEFI machines that are already
+installed: a small GRUB that finds the EFI system partition of an installed disk (by
+its volume serial, the same in every build of this image) and starts the loader there,
+so the node boots with its own GRUB and kernel. When there is none, it returns to iPXE,
+which exits to the firmware. Exiting to the firmware straight away is not enough:
+firmware such as OVMF then shows its setup menu instead of trying the next boot device.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ from .context import BuildContext, content_hash, input_key, is_fresh, write_stam
 from .loop import mounted_root
 
 GZIP_CHUNK = 8 * 1024**2
+# Each line runs even when the one before failed: no ESP found, no loader, or a loader
+# that returns, all end in `exit`, back to iPXE.
+LOCALBOOT_CONFIG = """search --no-floppy --fs-uuid --set=esp {esp_uuid}
+chainloader ($esp)/EFI/BOOT/BOOTX64.EFI
+boot
+exit
+"""
+LOCALBOOT_MODULES = ["part_gpt", "fat", "search", "search_fs_uuid", "chain", "boot", "minicmd", "echo"]
 
 
 def build_netboot(ctx: BuildContext, raw: Path) -> Path:
@@ -32,12 +42,13 @@ def build_netboot(ctx: BuildContext, raw: Path) -> Path:
     key = content_hash(input_key(raw, "raw"), Path(__file__), Path(disk.__file__))
     if is_fresh(out, key):
         return out
-    with stage("netboot: kernel, initrd, squashfs root"), atomic_path(out) as tmp:
+    with stage("netboot: kernel, initrd, squashfs root, localboot.efi"), atomic_path(out) as tmp:
         tmp.mkdir()
         with mounted_root(raw) as root:
             shutil.copyfile((root / "vmlinuz").resolve(), tmp / "vmlinuz")
             shutil.copyfile((root / "initrd.img").resolve(), tmp / "initrd.img")
-            disk.mkimage(root, "x86_64-efi", ctx.root_uuid, tmp / "localboot.efi")
+            disk.mkimage(root, "x86_64-efi", LOCALBOOT_CONFIG.format(esp_uuid=ctx.esp_uuid), tmp / "localboot.efi",
+                         LOCALBOOT_MODULES)
             # /etc/fstab names the disk's partitions, which a diskless node has not got;
             # live-boot writes its own.
             # zstd level 6, not mksquashfs's 15: 8 times faster to build, 7% larger, and

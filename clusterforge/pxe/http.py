@@ -21,10 +21,11 @@ from ..fsutil import write_atomic
 from ..inventory import Cluster
 from .discovery import Discoveries
 
-# An installed node's script. UEFI: load the installed disk's own GRUB over HTTP (it
-# finds its root filesystem by UUID), because UEFI firmware such as OVMF shows its setup
-# menu when iPXE exits instead of trying the next boot device. BIOS: exit to the
-# firmware, which boots the next device, the disk.
+# An installed node's script. UEFI: localboot.efi starts the loader on the node's own
+# disk (see build/netboot.py), because UEFI firmware such as OVMF shows its setup menu
+# when iPXE exits instead of trying the next boot device. BIOS, or no loader found:
+# exit to the firmware, which boots the next device, the disk. ${base} is set by
+# boot.ipxe, the script every machine gets first.
 LOCAL_BOOT = b"""#!ipxe
 # installed: boot from the local disk
 iseq ${platform} efi && chain --autofree ${base}/images/netboot/localboot.efi ||

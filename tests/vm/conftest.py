@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
@@ -17,6 +19,16 @@ from clusterforge.build.context import BuildContext
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "cluster.yaml"
 RUNS = REPO / "runs" / "tests"
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A cancelled CI job sends SIGTERM: unwind like Ctrl-C, so every Machine, network
+    # namespace and server the running test holds is stopped, not left behind.
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -40,6 +40,14 @@ class Site:
         return Target(str(node.ip), self.state / self.cluster.name / "ssh" / "id_ed25519", netns=self.net.netns)
 
 
+def wait_log(log: Path, text: str, seconds: float) -> None:
+    """Poll a server's log (its only witness of what a machine asked for) for text."""
+    deadline = time.monotonic() + seconds
+    while text not in log.read_text():
+        assert time.monotonic() < deadline, f"no '{text}' in {log}:\n{log.read_text()}"
+        time.sleep(1)
+
+
 def start_server(net: ClusterNet, dist: Path, state: Path, rundir: Path, mode: str) -> subprocess.Popen[bytes]:
     """`python -m clusterforge.pxe` on the namespace's bridge; its output goes to rundir/server.log."""
     rundir.mkdir(parents=True, exist_ok=True)
@@ -105,6 +113,7 @@ class Router:
 def router_on(net: ClusterNet, rundir: Path) -> Iterator[Router]:
     router = Router(f"{net.netns}-rtr", str(net.subnet.network_address + 254),
                     (str(net.subnet.network_address + 100), str(net.subnet.network_address + 150)))
+    run(["ip", "netns", "delete", router.netns], check=False)  # left by a killed run
     run(["ip", "netns", "add", router.netns])
     try:
         run(["ip", "-n", net.netns, "link", "add", "rtr0", "type", "veth", "peer", "name", "lan0",
@@ -113,7 +122,8 @@ def router_on(net: ClusterNet, rundir: Path) -> Iterator[Router]:
         run(["ip", "-n", router.netns, "addr", "add", f"{router.address}/{net.subnet.prefixlen}", "dev", "lan0"])
         run(["ip", "-n", router.netns, "link", "set", "lan0", "up"])
         rundir.mkdir(parents=True, exist_ok=True)
-        with open(rundir / "router.log", "w") as out:
+        log = rundir / "router.log"
+        with open(log, "w") as out:
             dnsmasq = subprocess.Popen(
                 ["ip", "netns", "exec", router.netns, "dnsmasq", "--keep-in-foreground", "--log-facility=-",
                  "--conf-file=/dev/null", "--port=0", "--interface=lan0", "--bind-interfaces",
@@ -122,12 +132,15 @@ def router_on(net: ClusterNet, rundir: Path) -> Iterator[Router]:
                  f"--pid-file={rundir / 'router.pid'}", "--user=root", "--group=root"],
                 stdout=out, stderr=subprocess.STDOUT)
         try:
-            time.sleep(1)
-            assert dnsmasq.poll() is None, (rundir / "router.log").read_text()
+            wait_log(log, "DHCP, sockets bound", 30)
             yield router
         finally:
             dnsmasq.terminate()
-            dnsmasq.wait(timeout=10)
+            try:
+                dnsmasq.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                dnsmasq.kill()
+                dnsmasq.wait()
     finally:
         run(["ip", "netns", "delete", router.netns])
 
@@ -175,7 +188,10 @@ def install_then_boot_from_disk(site: Site, node: inventory.Node, rundir: Path, 
         assert target.run("hostname").stdout.strip() == node.name
         assert target.run("findmnt -n -o SOURCE /").stdout.strip() == "/dev/vda3"
         m.shutdown()
-    assert f"{node.name} installed; it boots from its disk" in site.log.read_text()
+    log = site.log.read_text()
+    assert f"{node.name} installed; it boots from its disk" in log
+    localboot = f"{node.name} ({node.ip}): sent /images/netboot/localboot.efi" in log
+    assert localboot == (firmware == "uefi"), log
 
 
 def test_pxe_bios_install_then_boot_from_disk(site: Site, rundir: Path) -> None:
@@ -184,9 +200,8 @@ def test_pxe_bios_install_then_boot_from_disk(site: Site, rundir: Path) -> None:
 
 
 def test_pxe_uefi_install_then_boot_from_disk(site: Site, rundir: Path) -> None:
-    """OVMF: after the install, iPXE loads the installed disk's GRUB (localboot.efi)."""
+    """OVMF: after the install, iPXE hands over to localboot.efi, which starts the disk's loader."""
     install_then_boot_from_disk(site, site.cluster.node("c1"), rundir, "uefi")
-    assert "sent /images/netboot/localboot.efi" in site.log.read_text()
 
 
 def test_pxe_diskless(site: Site, rundir: Path) -> None:
@@ -202,10 +217,7 @@ def test_pxe_diskless(site: Site, rundir: Path) -> None:
 
 def test_unknown_machine_is_discovered(site: Site, rundir: Path) -> None:
     with Machine(pxe_machine(site, "stranger", STRANGER, rundir, "bios", disk=False), rundir):
-        deadline = time.monotonic() + 300
-        while f"unknown machine {STRANGER} reported itself" not in site.log.read_text():
-            assert time.monotonic() < deadline, site.log.read_text()
-            time.sleep(1)  # the server's log is the only witness: poll it
+        wait_log(site.log, f"unknown machine {STRANGER} reported itself", 300)
     record = Discoveries(site.state, site.cluster).load()[STRANGER]
     assert {"platform", "ip", "uuid", "manufacturer", "product"} <= record.keys(), record  # all it reported
     listed = Discoveries(site.state, site.cluster).as_inventory()
@@ -217,10 +229,10 @@ def test_dhcp_mode_refuses_beside_another_dhcp_server(build_ctx: BuildContext, p
     server = start_server(proxy_net.net, build_ctx.out, proxy_net.state, rundir, "dhcp")
     try:
         code = server.wait(timeout=60)
-    finally:
-        if server.poll() is None:  # it served: stop it, and its dnsmasq with it
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # it served: stop it, and its dnsmasq with it
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        raise AssertionError(f"it served beside another DHCP server:\n{(rundir / 'server.log').read_text()}") from None
     assert code != 0
     output = (rundir / "server.log").read_text()
     assert f"another DHCP server ({proxy_net.router.address}) answers on br0" in output, output
@@ -231,13 +243,8 @@ def test_proxy_mode_beside_a_router(build_ctx: BuildContext, proxy_net: ProxySit
     """The router hands out the address, the PXE server only the boot instructions: an unknown
     machine gets iPXE's menu from clusterforge and is recorded with the router's address."""
     with serving(build_ctx, proxy_net.net, proxy_net.state, proxy_net.rundir / "server", "proxy") as site:
-        spec = MachineSpec(name="stranger", memory_mb=2048, cpus=2,
-                           nics=(Nic(STRANGER, site.net.netdev("stranger"), bootindex=1),), netns=site.net.netns)
-        with Machine(spec, rundir):
-            deadline = time.monotonic() + 300
-            while f"unknown machine {STRANGER} reported itself" not in site.log.read_text():
-                assert time.monotonic() < deadline, site.log.read_text()
-                time.sleep(1)
+        with Machine(pxe_machine(site, "stranger", STRANGER, rundir, "bios", disk=False), rundir):
+            wait_log(site.log, f"unknown machine {STRANGER} reported itself", 300)
         record = Discoveries(site.state, site.cluster).load()[STRANGER]
     first, last = (IPv4Address(a) for a in proxy_net.router.pool)
     assert first <= IPv4Address(record["ip"]) <= last, record
