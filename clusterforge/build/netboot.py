@@ -27,9 +27,10 @@ from .loop import mounted_root
 
 GZIP_CHUNK = 8 * 1024**2
 # Each line runs even when the one before failed: no ESP found, no loader, or a loader
-# that returns, all end in `exit`, back to iPXE.
-LOCALBOOT_CONFIG = """search --no-floppy --fs-uuid --set=esp {esp_uuid}
-chainloader ($esp)/EFI/BOOT/BOOTX64.EFI
+# that returns, all end in `exit`, back to iPXE. chainloader takes its device from
+# $root, whatever the path says, so the search sets root.
+LOCALBOOT_CONFIG = """search --no-floppy --fs-uuid --set=root {esp_uuid}
+chainloader /EFI/BOOT/BOOTX64.EFI
 boot
 exit
 """
