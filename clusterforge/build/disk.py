@@ -28,7 +28,7 @@ BIOS_BOOT_SECTORS = 2048
 
 # Enough to find and read the rootfs; everything else loads from /boot/grub/<platform>.
 GRUB_MODULES = [
-    "part_gpt", "part_msdos", "ext2", "fat", "search", "search_fs_uuid",
+    "part_gpt", "part_msdos", "ext2", "fat", "search", "search_fs_uuid", "regexp",
     "normal", "configfile", "linux", "echo", "test", "serial", "terminal",
 ]  # fmt: skip
 GRUB_PLATFORM_MODULES = {"i386-pc": ["biosdisk"], "x86_64-efi": ["efi_gop"]}
@@ -147,8 +147,19 @@ def copy_into(image: Path, disk: Path, offset: int) -> None:
 
 def root_config(root_uuid: str) -> str:
     """GRUB's embedded config: find the root filesystem by UUID, not (hd0,gpt3), because the
-    disk is not always the first one; then its /boot/grub/grub.cfg, the menu."""
-    return f"search --no-floppy --fs-uuid --set=root {root_uuid}\nset prefix=($root)/boot/grub\n"
+    disk is not always the first one; then its /boot/grub/grub.cfg, the menu.
+
+    The search looks first on the disk GRUB was loaded from ($root starts as that disk, or
+    its ESP under UEFI), so a USB installer stick still plugged in is not probed through
+    the firmware on every boot; only if the root is not there does it try every disk.
+    """
+    search = "search --no-floppy --fs-uuid --set=root"
+    return (f"if regexp --set=1:bootdisk '^([^,]+)' \"$root\"; then\n"
+            f"  {search} --hint=\"$bootdisk,\" {root_uuid}\n"
+            f"else\n"
+            f"  {search} {root_uuid}\n"
+            f"fi\n"
+            f"set prefix=($root)/boot/grub\n")
 
 
 def mkimage(rootfs: Path, platform: str, config: str, output: Path, modules: list[str] | None = None) -> None:

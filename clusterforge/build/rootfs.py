@@ -314,7 +314,6 @@ serial --unit=0 --speed=115200
 terminal_input console serial
 terminal_output console serial
 if [ "$grub_platform" = efi ]; then insmod efi_gop; fi
-search --no-floppy --fs-uuid --set=root {ctx.root_uuid}
 menuentry 'clusterforge (Debian 12)' {{
     linux /vmlinuz root=UUID={ctx.root_uuid} ro {ctx.kernel_cmdline}
     initrd /initrd.img
