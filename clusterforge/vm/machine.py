@@ -29,6 +29,9 @@ OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
+UNIX_PATH_MAX = 108  # sun_path in struct sockaddr_un, on Linux
+
+
 class MachineError(Exception):
     """A machine did not do what was expected; the message names its logs."""
 
@@ -87,6 +90,9 @@ class Machine:
         self.console_socket = self.dir / "console.sock"
         self.qmp_socket = self.dir / "qmp.sock"
         self.pidfile = self.dir / "qemu.pid"
+        if len(bytes(self.console_socket)) >= UNIX_PATH_MAX:
+            raise MachineError(f"{self.console_socket}: a UNIX socket path must be shorter than "
+                               f"{UNIX_PATH_MAX} bytes; use a shorter run directory or machine name")
         self.timeline = Timeline()
         self._proc: subprocess.Popen[bytes] | None = None
         self._qmp: QEMUMonitorProtocol | None = None

@@ -66,13 +66,21 @@ def test_usb_installs_under_uefi_and_boots_from_disk(installers: pipeline.Artifa
         m.shutdown()
 
 
-def test_unknown_machine_gets_a_message_and_nothing_written(installers: pipeline.Artifacts, lab: Lab,
-                                                           rundir: Path) -> None:
-    assert installers.iso is not None
+@pytest.mark.parametrize(("media", "firmware"), [("cdrom", "bios"), ("cdrom", "uefi"), ("usb", "bios")],
+                         ids=["cd-bios", "cd-uefi", "usb-bios"])
+def test_unknown_machine_writes_nothing(installers: pipeline.Artifacts, lab: Lab, rundir: Path,
+                                        media: str, firmware: str) -> None:
+    """An unknown MAC gets a message on the console and the disk stays empty. Also boots the
+    hybrid image the three ways the install test above does not: a CD under BIOS and UEFI,
+    a USB stick under BIOS. A BIOS boots only the first of its hard disks, so there the stick
+    comes first, as when it is picked from the firmware's boot menu."""
+    assert installers.iso is not None and installers.usb is not None
     disk = empty_disk(rundir / "disk.qcow2")
     net, _ = node_net(lab, lab[0].node("s1"))
-    spec = MachineSpec(name="stranger", memory_mb=2048, cpus=2,
-                       drives=(disk, Drive(installers.iso, format="raw", media="cdrom", bootindex=2)),
+    medium = installers.iso if media == "cdrom" else installers.usb  # read-only: nothing is written
+    bootindex = 0 if (media, firmware) == ("usb", "bios") else 2
+    spec = MachineSpec(name="stranger", memory_mb=2048, cpus=2, firmware=firmware,
+                       drives=(disk, Drive(medium, format="raw", media=media, bootindex=bootindex, readonly=True)),
                        nics=(Nic("52:54:00:99:99:99", net),))
     with Machine(spec, rundir) as m:
         m.wait_console(r"52:54:00:99:99:99\) is not in the inventory: nothing was written", 600)
