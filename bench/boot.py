@@ -14,8 +14,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clusterforge import inventory, render  # noqa: E402
-from clusterforge.build.context import BuildContext  # noqa: E402
-from clusterforge.build.pipeline import build_image  # noqa: E402
+from clusterforge.factory.context import BuildContext  # noqa: E402
+from clusterforge.factory.pipeline import build_image  # noqa: E402
 from clusterforge.vm.cluster import ClusterVMs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clusterforge.build import rootfs  # noqa: E402
-from clusterforge.build.context import BuildContext  # noqa: E402
-from clusterforge.build.pipeline import build_image  # noqa: E402
+from clusterforge.factory import rootfs  # noqa: E402
+from clusterforge.factory.context import BuildContext  # noqa: E402
+from clusterforge.factory.pipeline import build_image  # noqa: E402
 from clusterforge.log import human_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

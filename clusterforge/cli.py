@@ -15,7 +15,7 @@ from .log import UserError, human_bytes, set_verbose
 from .run import CommandError
 
 if TYPE_CHECKING:
-    from .build.pipeline import Artifacts
+    from .factory.pipeline import Artifacts
     from .pxe.server import PxeServer
     from .vm.cluster import ClusterVMs
 
@@ -62,15 +62,15 @@ def cluster_vms(inventory_path: str, boot: str = "disk") -> ClusterVMs:
 
 
 def build_image() -> Artifacts:
-    from .build.context import BuildContext
-    from .build.pipeline import build_image
+    from .factory.context import BuildContext
+    from .factory.pipeline import build_image
 
     return build_image(BuildContext.create())
 
 
 def build_ubuntu(iso: str) -> Path:
-    from .build.context import BuildContext
-    from .build.ubuntu import build_ubuntu_qcow2
+    from .factory.context import BuildContext
+    from .factory.ubuntu import build_ubuntu_qcow2
 
     if not iso:
         raise UserError("--os ubuntu-24.04 installs from an Ubuntu ISO", hint="pass --iso PATH")
@@ -78,23 +78,23 @@ def build_ubuntu(iso: str) -> Path:
 
 
 def build_netboot() -> Artifacts:
-    from .build.context import BuildContext
-    from .build.pipeline import build_netboot_files
+    from .factory.context import BuildContext
+    from .factory.pipeline import build_netboot_files
 
     return build_netboot_files(BuildContext.create())
 
 
 def build_installers(inventory_path: str) -> Artifacts:
-    from .build.context import BuildContext
-    from .build.pipeline import build_installers
+    from .factory.context import BuildContext
+    from .factory.pipeline import build_installers
 
     cluster = load(inventory_path)
     return build_installers(BuildContext.create(), cluster, render.render(cluster, DIST, STATE))
 
 
 def release(inventory_path: str) -> Path:
-    from .build.context import BuildContext
-    from .build.release import make_release
+    from .factory.context import BuildContext
+    from .factory.release import make_release
 
     cluster = load(inventory_path)
     artifacts = build_installers(inventory_path)

@@ -22,7 +22,7 @@ from ..inventory import Cluster
 from .discovery import Discoveries
 
 # An installed node's script. UEFI: localboot.efi starts the loader on the node's own
-# disk (see build/netboot.py), because UEFI firmware such as OVMF shows its setup menu
+# disk (see factory/netboot.py), because UEFI firmware such as OVMF shows its setup menu
 # when iPXE exits instead of trying the next boot device. BIOS, or no loader found:
 # exit to the firmware, which boots the next device, the disk. ${base} is set by
 # boot.ipxe, the script every machine gets first.

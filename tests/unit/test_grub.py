@@ -6,8 +6,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from clusterforge.build import disk, netboot, rootfs
-from clusterforge.build.context import BuildContext
+from clusterforge.factory import disk, netboot, rootfs
+from clusterforge.factory.context import BuildContext
 
 
 def script_check(tmp_path: Path, script: str) -> subprocess.CompletedProcess[str]:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from clusterforge import installer
-from clusterforge.installer import Disk, InstallError, choose_target
+from clusterforge.node import installer
+from clusterforge.node.installer import Disk, InstallError, choose_target
 
 GiB = 1024**3
 

@@ -10,8 +10,8 @@ import jsonschema
 import pytest
 import yaml
 
-from clusterforge.build import ubuntu
-from clusterforge.build.context import BuildContext
+from clusterforge.factory import ubuntu
+from clusterforge.factory.context import BuildContext
 from clusterforge.log import UserError
 from clusterforge.vm.accel import TCG
 

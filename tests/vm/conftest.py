@@ -13,8 +13,8 @@ from types import FrameType
 import pytest
 
 from clusterforge import inventory, render
-from clusterforge.build import pipeline
-from clusterforge.build.context import BuildContext
+from clusterforge.factory import pipeline
+from clusterforge.factory.context import BuildContext
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "cluster.yaml"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from clusterforge import inventory
-from clusterforge.build import pipeline
+from clusterforge.factory import pipeline
 from clusterforge.vm.cluster import ClusterVMs
 
 

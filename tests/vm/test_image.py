@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from clusterforge import inventory
-from clusterforge.build import pipeline
+from clusterforge.factory import pipeline
 from clusterforge.run import run
 from clusterforge.ssh import Target
 from clusterforge.vm.machine import Drive, Machine, MachineSpec, Nic

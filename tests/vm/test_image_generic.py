@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from clusterforge import inventory
-from clusterforge.build import pipeline
-from clusterforge.build.loop import mounted_root
+from clusterforge.factory import pipeline
+from clusterforge.factory.loop import mounted_root
 
 PRIVATE_MARKERS = (b"PRIVATE KEY-----", b"OPENSSH PRIVATE KEY")
 SEARCHED = ("etc", "root", "home", "var/lib", "usr/share/clusterforge", "opt")

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from clusterforge import inventory
-from clusterforge.build import pipeline
-from clusterforge.build.context import BuildContext
+from clusterforge.factory import pipeline
+from clusterforge.factory.context import BuildContext
 from clusterforge.render import KERNEL_ARGS
 from clusterforge.run import run
 from clusterforge.ssh import Target

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from clusterforge import inventory, render
-from clusterforge.build import pipeline
-from clusterforge.build.context import BuildContext
+from clusterforge.factory import pipeline
+from clusterforge.factory.context import BuildContext
 from clusterforge.pxe.discovery import Discoveries
 from clusterforge.run import run
 from clusterforge.ssh import Target
