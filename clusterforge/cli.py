@@ -1,4 +1,4 @@
-"""What invoke tasks share: error reporting and the summaries they print."""
+"""What invoke tasks share: error reporting, loading, and the summaries they print."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from . import inventory, render
+from . import identity, render
+from . import inventory as inventory_mod
+from . import secrets as secrets_mod
 from .inventory import Cluster
-from .log import UserError, human_bytes, set_verbose
+from .log import UserError, die, human_bytes, set_verbose
+from .paths import DEFAULT_INVENTORY, Paths, user_path
 from .run import CommandError
 
 if TYPE_CHECKING:
@@ -30,7 +33,7 @@ def user_errors(task: F) -> F:
         set_verbose(bool(kwargs.get("verbose")))
         try:
             return task(*args, **kwargs)
-        except (UserError, CommandError) as exc:
+        except (UserError, CommandError, TimeoutError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt:
@@ -40,89 +43,126 @@ def user_errors(task: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-DIST = Path("dist")
-STATE = Path("state")
-RUNS = Path("runs")
-IMAGE = DIST / "images" / f"{render.IMAGE_NAME}.qcow2"
+def load(inventory: str, paths: Paths) -> Cluster:
+    """The inventory, with the names and addresses its nodes were given before (read only)."""
+    return inventory_mod.load(user_path(inventory, DEFAULT_INVENTORY), state=paths.state)
 
 
-def load(path: str) -> Cluster:
-    return inventory.load(path)
+def image_path(cluster: Cluster, paths: Paths) -> Path:
+    return paths.images / f"{cluster.image_name}.qcow2"
 
 
-def cluster_vms(inventory_path: str, boot: str = "disk") -> ClusterVMs:
-    """The inventory's QEMU cluster, with its seeds freshly rendered (rendering is idempotent)."""
+def cluster_vms(inventory: str, paths: Paths, boot: str = "disk", fresh: bool = False) -> ClusterVMs:
+    """The inventory's QEMU cluster. fresh=True renders its seeds first (idempotent); the
+    other commands only read what is there and create nothing."""
     from .vm.cluster import ClusterVMs
 
     if boot not in ("disk", "pxe"):
         raise UserError(f"--boot must be disk or pxe, not '{boot}'")
-    cluster = load(inventory_path)
-    seeds = render.render(cluster, DIST, STATE)
-    return ClusterVMs(cluster, IMAGE, seeds, STATE, RUNS, boot=boot)
+    cluster = load(inventory, paths)
+    if fresh:
+        render.render(cluster, paths.out, paths.state)
+    return ClusterVMs(cluster, image_path(cluster, paths), paths, boot=boot)
 
 
-def build_image() -> Artifacts:
+def build_context(paths: Paths) -> Any:
     from .factory.context import BuildContext
+
+    return BuildContext.create(out=paths.out)
+
+
+def build_image(paths: Paths) -> Artifacts:
     from .factory.pipeline import build_image
 
-    return build_image(BuildContext.create())
+    return build_image(build_context(paths))
 
 
-def build_ubuntu(iso: str) -> Path:
-    from .factory.context import BuildContext
+def build_ubuntu(iso: str, paths: Paths) -> Path:
     from .factory.ubuntu import build_ubuntu_qcow2
 
     if not iso:
         raise UserError("--os ubuntu-24.04 installs from an Ubuntu ISO", hint="pass --iso PATH")
-    return build_ubuntu_qcow2(BuildContext.create(), Path(iso))
+    return build_ubuntu_qcow2(build_context(paths), user_path(iso))
 
 
-def build_netboot() -> Artifacts:
-    from .factory.context import BuildContext
+def build_netboot(paths: Paths) -> Artifacts:
     from .factory.pipeline import build_netboot_files
 
-    return build_netboot_files(BuildContext.create())
+    return build_netboot_files(build_context(paths))
 
 
-def build_installers(inventory_path: str) -> Artifacts:
-    from .factory.context import BuildContext
+def debian_only(cluster: Cluster, what: str) -> None:
+    if cluster.os != inventory_mod.OS.DEBIAN_12:
+        die(f"{what} is built from the Debian image; cluster {cluster.name} has os: {cluster.os}",
+            hint="Ubuntu nodes install with Ubuntu's installer and their nodes/<name>/autoinstall.yaml")
+
+
+def build_installers(inventory: str, paths: Paths) -> Artifacts:
     from .factory.pipeline import build_installers
 
-    cluster = load(inventory_path)
-    return build_installers(BuildContext.create(), cluster, render.render(cluster, DIST, STATE))
+    cluster = load(inventory, paths)
+    debian_only(cluster, "the installer ISO and USB image")
+    rendered = render.render(cluster, paths.out, paths.state).path
+    return build_installers(build_context(paths), cluster, rendered)
 
 
-def release(inventory_path: str) -> Path:
-    from .factory.context import BuildContext
+def release(inventory: str, paths: Paths) -> Path:
     from .factory.release import make_release
 
-    cluster = load(inventory_path)
-    artifacts = build_installers(inventory_path)
-    return make_release(BuildContext.create(), cluster, artifacts)
+    artifacts = build_installers(inventory, paths)
+    return make_release(build_context(paths), load(inventory, paths), artifacts)
 
 
-def pxe_server(inventory_path: str, interface: str, mode: str) -> PxeServer:
+def pxe_server(inventory: str, interface: str, mode: str, paths: Paths) -> PxeServer:
     from .pxe.server import PxeServer
 
-    return PxeServer(load(inventory_path), interface, mode, DIST, STATE, RUNS)
+    cluster = load(inventory, paths)
+    debian_only(cluster, "network booting")
+    return PxeServer(cluster, interface, mode, paths)
 
 
-def discovered(inventory_path: str) -> str:
+def discovered(inventory: str, paths: Paths) -> str:
     from .pxe.discovery import Discoveries
 
-    return Discoveries(STATE, load(inventory_path)).as_inventory()
+    cluster = load(inventory, paths)
+    return Discoveries(paths.cluster_state(cluster.name), cluster).as_inventory()
 
 
-def reinstall(inventory_path: str, node_name: str) -> None:
+def reinstall(inventory: str, node_name: str, paths: Paths) -> None:
     from .pxe.http import Installed
 
-    cluster = load(inventory_path)
+    cluster = load(inventory, paths)
+    node = find_node(cluster, node_name)
+    Installed(paths.cluster_state(cluster.name)).remove(node.mac_hyphen)
+    print(f"{node.name} installs again on its next network boot")
+
+
+def find_node(cluster: Cluster, name: str) -> inventory_mod.Node:
     try:
-        node = cluster.node(node_name)
+        return cluster.node(name)
     except KeyError:
         names = ", ".join(n.name for n in cluster.nodes)
-        raise UserError(f"no node named '{node_name}'", hint=f"nodes: {names}") from None
-    Installed(STATE / cluster.name / "pxe-installed.json").remove(node.mac_hyphen)
+        raise UserError(f"no node named '{name}' in cluster {cluster.name}", hint=f"nodes: {names}") from None
+
+
+def forget(inventory: str, mac_text: str, paths: Paths) -> str:
+    """Release the name and address kept for a MAC that is no longer in the inventory."""
+    from .yamlsource import Field, Value
+
+    cluster = load(inventory, paths)
+    mac = inventory_mod.parse_mac(Value(mac_text, Field(Path("MAC"), 1, "argument")))
+    state = paths.cluster_state(cluster.name)
+    if any(n.mac == mac for n in cluster.nodes):
+        die(f"{mac} is node {next(n.name for n in cluster.nodes if n.mac == mac)} of the inventory",
+            hint="remove it from the inventory first")
+    with secrets_mod.locked(state):
+        records = identity.Records.read(state)
+        if mac not in records.by_mac:
+            die(f"state/{cluster.name} keeps nothing for {mac}")
+        record = records.by_mac[mac]
+        records.forget(mac)
+        secrets_mod.forget_node(state, mac.replace(":", "-"))
+    return f"released {record.name} ({record.ip}), kept for {mac}; its keys are deleted"
 
 
 def print_artifacts(artifacts: Artifacts) -> None:
@@ -131,6 +171,38 @@ def print_artifacts(artifacts: Artifacts) -> None:
             continue
         size = sum(p.stat().st_blocks * 512 for p in ([path] if path.is_file() else path.rglob("*")))
         print(f"{name:<8} {path}  ({human_bytes(size)} on disk)")
+
+
+def render_summary(cluster: Cluster, rendered: render.Rendered) -> str:
+    out = rendered.path
+    changes = rendered.changes
+    lines = [f"cluster {cluster.name} ({cluster.domain}, {cluster.os}) rendered to {out}/",
+             f"  {'node':<8} {'mac':<18} {'ip':<15} {'overlay':<15} {'boot':<9} roles"]
+    for n in cluster.nodes:
+        mark = "  (new)" if n.name in changes.new else ""
+        lines.append(f"  {n.name:<8} {n.mac:<18} {str(n.ip):<15} {str(n.overlay_ip):<15} "
+                     f"{n.boot:<9} {','.join(n.roles)}{mark}")
+    for change in changes.moved:
+        lines.append(f"  changed by a pin: {change}")
+    reissued = [name for name in rendered.reissued if name not in changes.new]
+    if reissued:
+        lines.append(f"  certificates reissued: {', '.join(reissued)} (these nodes need their new seed)")
+    for orphan in changes.orphans:
+        lines.append(f"  kept in state, not in the inventory: {orphan}; release with ./forge state.forget MAC")
+    files = [p for p in sorted(out.rglob("*")) if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    lines.append(f"  services: {', '.join(str(s) for s in cluster.services.on())}")
+    lines.append(f"  {len(files)} files, {human_bytes(total)}: inventory.json, "
+                 "nodes/<name>/{user-data,meta-data,network-config,seed.iso}, "
+                 "pxe/{boot.ipxe,menu.ipxe,mac/*.ipxe,dnsmasq.conf}")
+    return "\n".join(lines)
+
+
+def ssh_argv(vms: ClusterVMs, node_name: str, command: str) -> list[str]:
+    target = vms.ssh(vms.nodes([node_name])[0])
+    if not target.key.exists():
+        die(f"no SSH key at {target.key}", hint="boot the cluster first: ./forge cluster.up")
+    return target.argv(command, tty=not command and os.isatty(sys.stdin.fileno()))
 
 
 def attach_console(socket_path: Path) -> None:
@@ -166,20 +238,3 @@ def attach_console(socket_path: Path) -> None:
         if saved is not None:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         sock.close()
-
-
-def render_summary(cluster: Cluster, out: Path) -> str:
-    lines = [f"cluster {cluster.name} ({cluster.domain}, {cluster.os}) rendered to {out}/",
-             f"  {'node':<8} {'mac':<18} {'ip':<15} {'overlay':<15} {'boot':<9} roles"]
-    for n in cluster.nodes:
-        lines.append(f"  {n.name:<8} {n.mac:<18} {str(n.ip):<15} {str(n.overlay_ip):<15} "
-                     f"{n.boot:<9} {','.join(n.roles)}")
-    files = [p for p in sorted(out.rglob("*")) if p.is_file()]
-    total = sum(p.stat().st_size for p in files)
-    services = [s for s in ("etcd", "ceph", "wireguard", "slurm", "k3s")
-                if getattr(cluster.services, s)]
-    lines.append(f"  services: {', '.join(services)}")
-    lines.append(f"  {len(files)} files, {human_bytes(total)}: inventory.json, "
-                 "nodes/<name>/{user-data,meta-data,network-config,seed.iso,autoinstall.yaml}, "
-                 "pxe/{boot.ipxe,menu.ipxe,mac/*.ipxe,dnsmasq.conf}")
-    return "\n".join(lines)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 from .log import info
 from .run import run
@@ -31,15 +36,56 @@ def atomic_path(final: Path) -> Iterator[Path]:
         raise
     if not os.path.lexists(tmp):
         raise RuntimeError(f"nothing was produced at {tmp}")
-    if not tmp.is_dir() and not (final.is_dir() and not final.is_symlink()):
-        os.replace(tmp, final)
+    # From here on the new output is complete: Ctrl-C waits until it is in place and the
+    # old one is gone, so an interrupt never leaves both, or neither, behind.
+    with deferred_signals():
+        if not tmp.is_dir() and not (final.is_dir() and not final.is_symlink()):
+            os.replace(tmp, final)
+            return
+        # rename(2) cannot replace a non-empty directory: move the old one aside first.
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        if os.path.lexists(final):
+            os.rename(final, old)
+        os.rename(tmp, final)
+        remove_path(old)
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done, then act on them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
         return
-    # rename(2) cannot replace a non-empty directory: move the old one aside first.
-    old = final.with_name(f"{final.name}.old-{os.getpid()}")
-    if os.path.lexists(final):
-        os.rename(final, old)
-    os.rename(tmp, final)
-    remove_path(old)
+    caught: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if caught:
+            raise KeyboardInterrupt(f"signal {caught[0]}")
+
+
+@contextmanager
+def locked(lock_file: Path, what: str, timeout: float = 300.0) -> Iterator[None]:
+    """An exclusive lock held for the block: commands that write the same thing take turns."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as lock:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{what} is locked by another command ({lock_file})") from None
+                time.sleep(0.1)  # another command holds it: wait for our turn
+        yield
 
 
 def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:

@@ -1,14 +1,18 @@
 """The cluster inventory: one frozen, typed model, loaded and validated once.
 
 Nothing past this module touches raw YAML. Every user error names the file,
-line and field (see yamlsource.Field).
+line and field (see yamlsource.Field). Names and addresses a node got once are
+kept in state/ (identity.py) and never move when the inventory is edited.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
-import json
+import os
 import re
+import struct
 import zoneinfo
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -16,20 +20,16 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
-from . import yamlsource
-from .yamlsource import Field, Section, Value
+from . import identity, k3sbundle, yamlsource
+from .log import shorten
+from .node.seed import SERVICE_DEFAULTS, BootMode, Disk, Role, Service
+from .yamlsource import Field, Section, Value, did_you_mean
 
-SCHEMA_VERSION = 1
+__all__ = ["BootMode", "Cluster", "Disk", "Network", "Node", "OS", "Role", "Service", "Services", "load"]
+
 HTTP_PORT = 8080  # where the PXE server's HTTP side listens; iPXE scripts point at it
-IMAGE_NAME = "clusterforge-debian-12"  # the node image's file names, which iPXE scripts name too
 RESERVED_NAMES = {"images", "release", "cache", "runs", "netboot"}  # siblings in dist/
-
-
-class Role(StrEnum):
-    CORE = "core"
-    STORAGE = "storage"
-    COMPUTE = "compute"
-    FRONTEND = "frontend"
+RESERVED_HOSTNAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback", "broadcasthost"}
 
 
 class OS(StrEnum):
@@ -37,33 +37,12 @@ class OS(StrEnum):
     UBUNTU_2404 = "ubuntu-24.04"
 
 
-class BootMode(StrEnum):
-    INSTALL = "install"
-    DISKLESS = "diskless"
+def image_name(os_: OS) -> str:
+    """The node image's file names for an OS (dist/images/<name>.qcow2, .raw, ...)."""
+    return f"clusterforge-{os_}"
 
 
-@dataclass(frozen=True)
-class NamePlan:
-    """Default names and addresses by role: prefix and host-number range in the subnet."""
-
-    prefix: str
-    first_host: int
-    last_host: int
-
-
-# Precedence matters for nodes with several roles: core/storage, then frontend, then compute.
-NAME_PLANS: tuple[tuple[frozenset[Role], NamePlan], ...] = (
-    (frozenset({Role.CORE, Role.STORAGE}), NamePlan("s", 11, 30)),
-    (frozenset({Role.FRONTEND}), NamePlan("f", 91, 99)),
-    (frozenset({Role.COMPUTE}), NamePlan("c", 51, 70)),
-)
-
-
-def plan_for(roles: tuple[Role, ...]) -> NamePlan:
-    for group, plan in NAME_PLANS:
-        if group & set(roles):
-            return plan
-    raise AssertionError(f"no name plan for roles {roles}")
+IMAGE_NAME = image_name(OS.DEBIAN_12)  # the image the factory builds from Debian packages
 
 
 @dataclass(frozen=True)
@@ -73,7 +52,7 @@ class Node:
     roles: tuple[Role, ...]
     ip: IPv4Address
     overlay_ip: IPv4Address
-    disks: tuple[str, ...]
+    disks: tuple[Disk, ...]
     boot: BootMode
 
     def has(self, role: Role) -> bool:
@@ -93,16 +72,23 @@ class Network:
     vip: IPv4Address
     overlay: IPv4Network
     boot_server: IPv4Address
+    ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # plan -> host numbers
 
 
 @dataclass(frozen=True)
 class Services:
-    etcd: bool = True
-    ceph: bool = True
-    wireguard: bool = True
-    slurm: bool = True
-    k3s: bool = False
+    enabled: dict[Service, bool]
     k3s_bundle: Path | None = None
+
+    def __getattr__(self, name: str) -> bool:
+        # services.etcd, services.ceph, ... read as the flags (templates use them).
+        try:
+            return self.enabled[Service(name)]
+        except ValueError:
+            raise AttributeError(name) from None
+
+    def on(self) -> list[Service]:
+        return [s for s in Service if self.enabled[s]]
 
 
 @dataclass(frozen=True)
@@ -129,127 +115,156 @@ class Cluster:
     def fqdn(self, node: Node) -> str:
         return f"{node.name}.{self.domain}"
 
-    def to_dict(self) -> dict[str, Any]:
-        """The resolved inventory (every default filled in), as written to inventory.json."""
-        services = self.services
-        return {
-            "schema": SCHEMA_VERSION,
-            "cluster": {"name": self.name, "domain": self.domain, "os": str(self.os),
-                        "timezone": self.timezone},
-            "network": {
-                "subnet": str(self.network.subnet), "gateway": str(self.network.gateway),
-                "dns": [str(a) for a in self.network.dns], "vip": str(self.network.vip),
-                "overlay": str(self.network.overlay),
-                "boot_server": str(self.network.boot_server),
-            },
-            "access": {"ssh_authorized_keys": list(self.ssh_authorized_keys)},
-            "services": {
-                "etcd": services.etcd, "ceph": services.ceph, "wireguard": services.wireguard,
-                "slurm": services.slurm, "k3s": services.k3s,
-                "k3s_bundle": str(services.k3s_bundle) if services.k3s_bundle else None,
-            },
-            "nodes": [
-                {"name": n.name, "mac": n.mac, "roles": [str(r) for r in n.roles],
-                 "ip": str(n.ip), "overlay_ip": str(n.overlay_ip), "disks": list(n.disks),
-                 "boot": str(n.boot), "fqdn": self.fqdn(n)}
-                for n in self.nodes
-            ],
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2) + "\n"
+    @property
+    def image_name(self) -> str:
+        return image_name(self.os)
 
 
 # ---------------------------------------------------------------- parsers
 
-_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _MAC_FORMS = (
-    re.compile(r"^([0-9a-f]{2})([:-])([0-9a-f]{2})\2([0-9a-f]{2})\2([0-9a-f]{2})\2([0-9a-f]{2})\2([0-9a-f]{2})$"),
-    re.compile(r"^([0-9a-f]{4})\.([0-9a-f]{4})\.([0-9a-f]{4})$"),
-    re.compile(r"^([0-9a-f]{12})$"),
+    re.compile(r"([0-9a-f]{2})([:-])([0-9a-f]{2})\2([0-9a-f]{2})\2([0-9a-f]{2})\2([0-9a-f]{2})\2([0-9a-f]{2})"),
+    re.compile(r"([0-9a-f]{4})\.([0-9a-f]{4})\.([0-9a-f]{4})"),
+    re.compile(r"([0-9a-f]{12})"),
 )
-_SSH_KEY = re.compile(r"^(ssh-(ed25519|rsa|dss)|ecdsa-sha2-nistp\d+|sk-\S+@openssh\.com) [A-Za-z0-9+/=]+( .*)?$")
+_SSH_KEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)|sk-ssh-ed25519@openssh\.com"
+                      r"|sk-ecdsa-sha2-nistp256@openssh\.com) ([A-Za-z0-9+/]+={0,2})(?: ([ -~]*))?")
+_DISK = re.compile(r"/dev/[A-Za-z0-9_.:+@=,-]+(?:/[A-Za-z0-9_.:+@=,-]+)*")
 
 
 def parse_mac(value: Value) -> str:
     """Accept aa:bb:.., AA-BB-.., aabb.ccdd.eeff and aabbccddeeff; return aa:bb:cc:dd:ee:ff."""
-    text = value.expect(str).strip().lower()
+    text = value.text().strip().lower()
     for form in _MAC_FORMS:
-        match = form.match(text)
+        match = form.fullmatch(text)
         if match:
             digits = "".join(g for g in match.groups() if g not in (":", "-"))
             mac = ":".join(digits[i:i + 2] for i in range(0, 12, 2))
             if int(digits[:2], 16) & 1:
-                value.at.fail(f"'{value.raw}' is a multicast address, not a NIC's MAC")
+                value.at.fail(f"{shorten(value.raw)} is a multicast address, not a NIC's MAC")
+            if int(digits, 16) == 0:
+                value.at.fail("00:00:00:00:00:00 is not a NIC's MAC")
             return mac
-    value.at.fail(f"'{value.raw}' is not a MAC address",
+    value.at.fail(f"{shorten(value.raw)} is not a MAC address",
                   hint="write it as 52:54:00:12:34:56, 52-54-00-12-34-56 or 5254.0012.3456")
 
 
 def parse_label(value: Value, what: str) -> str:
-    text = value.expect(str)
-    if not _LABEL.match(text):
-        value.at.fail(f"'{text}' is not a valid {what}",
+    text = value.text()
+    if not _LABEL.fullmatch(text):
+        value.at.fail(f"{shorten(text)} is not a valid {what}",
                       hint="use 1-63 lower-case letters, digits and '-', not starting or ending with '-'")
     return text
 
 
+def parse_hostname(value: Value) -> str:
+    name = parse_label(value, "hostname")
+    if name in RESERVED_HOSTNAMES or name.isdigit():
+        value.at.fail(f"'{name}' cannot name a node", hint="it means something else to every resolver")
+    return name
+
+
 def parse_domain(value: Value) -> str:
-    text = value.expect(str).rstrip(".")
-    if len(text) > 253 or not all(_LABEL.match(p) for p in text.split(".")):
-        value.at.fail(f"'{value.raw}' is not a valid DNS domain")
+    text = value.text().rstrip(".")
+    if len(text) > 253 or not all(_LABEL.fullmatch(p) for p in text.split(".")):
+        value.at.fail(f"{shorten(value.raw)} is not a valid DNS domain")
     return text
 
 
 def parse_address(value: Value) -> IPv4Address:
+    text = value.text()
     try:
-        return IPv4Address(value.expect(str))
+        return IPv4Address(text)
     except ipaddress.AddressValueError:
-        value.at.fail(f"'{value.raw}' is not an IPv4 address")
+        value.at.fail(f"{shorten(text)} is not an IPv4 address")
 
 
 def parse_network(value: Value) -> IPv4Network:
-    text = value.expect(str)
+    text = value.text()
     try:
-        return IPv4Network(text)
+        net = IPv4Network(text)
     except ValueError as exc:
-        value.at.fail(f"'{text}' is not an IPv4 network in CIDR form ({exc})",
+        value.at.fail(f"{shorten(text)} is not an IPv4 network in CIDR form ({shorten(str(exc), 60)})",
                       hint="for example 10.0.0.0/24")
+    for what, bad in (("loopback", net.is_loopback), ("multicast", net.is_multicast),
+                      ("link-local", net.is_link_local), ("unspecified", net.network_address.is_unspecified),
+                      ("reserved", net.is_reserved)):
+        if bad:
+            value.at.fail(f"{net} is a {what} network, not one a cluster can use",
+                          hint="use a private range such as 10.0.0.0/24 or 192.168.10.0/24")
+    return net
 
 
 def parse_enum(value: Value, enum: type[StrEnum]) -> Any:
-    text = value.expect(str)
+    text = value.text()
     try:
         return enum(text)
     except ValueError:
-        choices = ", ".join(e.value for e in enum)
-        value.at.fail(f"'{text}' is not one of: {choices}")
+        choices = [e.value for e in enum]
+        value.at.fail(f"{shorten(text)} is not one of: {', '.join(choices)}", hint=did_you_mean(text, choices))
 
 
 def parse_timezone(value: Value) -> str:
-    text = value.expect(str)
+    text = value.text()
     try:
+        if not re.fullmatch(r"[A-Za-z0-9_+-]+(/[A-Za-z0-9_+-]+)*", text):
+            raise ValueError(text)
         zoneinfo.ZoneInfo(text)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        value.at.fail(f"'{text}' is not a known time zone", hint="for example UTC or Europe/Berlin")
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        value.at.fail(f"{shorten(text)} is not a known time zone", hint="for example UTC or Europe/Berlin")
     return text
 
 
 def parse_ssh_key(value: Value) -> str:
-    text = value.expect(str).strip()
-    if not _SSH_KEY.match(text):
-        value.at.fail("not an SSH public key", hint="paste a line of ~/.ssh/id_ed25519.pub")
-    return text
+    """An OpenSSH public key line whose blob really is a key of the type it names."""
+    text = value.text().strip()
+    match = _SSH_KEY.fullmatch(text)
+    if match:
+        kind, blob = match.group(1), match.group(2)
+        try:
+            raw = base64.b64decode(blob, validate=True)
+            (length,) = struct.unpack(">I", raw[:4])
+            if raw[4:4 + length].decode() == kind and len(raw) > 4 + length + 16:
+                return text
+        except (binascii.Error, struct.error, UnicodeDecodeError):
+            pass
+    value.at.fail(f"{shorten(text)} is not an SSH public key",
+                  hint="paste a whole line of ~/.ssh/id_ed25519.pub (type, key, optional comment)")
+
+
+def parse_disk(value: Value, storage: bool) -> Disk:
+    """A data disk: '/dev/vdb' or {path: /dev/disk/by-id/..., wipe: true}."""
+    if isinstance(value.raw, dict):
+        s = Section(value, ("path", "wipe"))
+        path_value, wipe = s.require("path"), s.get("wipe", False).expect(bool)
+    else:
+        path_value, wipe = value, False
+    text = path_value.text()
+    parts = text.split("/")
+    if not _DISK.fullmatch(text) or any(p in (".", "..") for p in parts) or len(text) > 255:
+        path_value.at.fail(f"{shorten(text)} is not a device path",
+                           hint="an absolute path under /dev: /dev/vdb, /dev/nvme1n1 or /dev/disk/by-id/...")
+    if not storage:
+        value.at.fail("only storage nodes hold Ceph data disks",
+                      hint="add 'storage' to the node's roles, or remove its disks")
+    return Disk(text, wipe)
 
 
 # ---------------------------------------------------------------- loading
 
-def load(path: Path | str) -> Cluster:
+TOP_KEYS = ("cluster", "network", "access", "services", "nodes")
+SERVICE_KEYS = (*(str(s) for s in Service), "k3s_bundle")
+
+
+def load(path: Path | str, state: Path | None = None) -> Cluster:
+    """Load and validate an inventory. With `state` (the state root), nodes keep the
+    names and addresses recorded there when the cluster was rendered before."""
     path = Path(path)
     top = Value(yamlsource.load(path), Field(path, 1, ""))
     if top.raw is None:
         top.at.fail("the inventory is empty")
-    doc = Section(top, ("cluster", "network", "access", "services", "nodes"))
+    doc = Section(top, TOP_KEYS)
 
     cluster = Section(doc.require("cluster"), ("name", "domain", "os", "timezone"))
     name = parse_label(cluster.require("name"), "cluster name")
@@ -268,101 +283,78 @@ def load(path: Path | str) -> Cluster:
     services_section = doc.section("services", SERVICE_KEYS)
     services = _load_services(services_section, path)
     network_section = Section(doc.require("network"),
-                              ("subnet", "gateway", "dns", "vip", "overlay", "boot_server"))
+                              ("subnet", "gateway", "dns", "vip", "overlay", "boot_server", "ranges"))
     nodes_value = doc.require("nodes")
-    raw_nodes = [_RawNode.parse(v) for v in nodes_value.items()]
+    raw_nodes = [identity.RawNode.parse(v, _parse_node) for v in nodes_value.items()]
     if not raw_nodes:
         nodes_value.at.fail("the cluster needs at least one node")
 
     network = _load_network(network_section, raw_nodes)
-    nodes = _resolve_nodes(raw_nodes, network)
+    records = identity.Records.read(state / name) if state is not None else identity.Records.empty()
+    nodes = identity.assign(raw_nodes, network, records)
     result = Cluster(name=name, domain=domain, os=os_, timezone=timezone, network=network,
                      ssh_authorized_keys=keys, services=services, nodes=nodes, source=path)
     _check_services(result, services_section)
     return result
 
 
-SERVICE_KEYS = ("etcd", "ceph", "wireguard", "slurm", "k3s", "k3s_bundle")
-
-
 def _load_services(section: Section, path: Path) -> Services:
-    flags = {key: section.get(key, default).expect(bool)
-             for key, default in (("etcd", True), ("ceph", True), ("wireguard", True),
-                                  ("slurm", True), ("k3s", False))}
+    flags = {s: section.get(str(s), default).expect(bool) for s, default in SERVICE_DEFAULTS.items()}
     bundle = None
     raw_bundle = section.get("k3s_bundle")
     if raw_bundle.raw is not None:
-        bundle = (path.parent / raw_bundle.expect(str)).resolve()
-    if flags["k3s"]:
-        if bundle is None:
-            section.field("k3s").fail("K3s is enabled but services.k3s_bundle is not set",
-                                      hint="K3s comes from an air-gap bundle (k3s binary + images "
-                                           "tarball): set k3s_bundle to its path")
-        if not bundle.exists():
-            raw_bundle.at.fail(f"K3s bundle not found: {bundle}")
-    return Services(k3s_bundle=bundle, **flags)
+        text = raw_bundle.text()
+        if not text.strip():
+            raw_bundle.at.fail("is empty", hint="the path of a K3s air-gap bundle, or leave the key out")
+        # Relative to the inventory file, wherever the command runs from.
+        bundle = Path(os.path.normpath(path.parent.resolve() / text))
+        k3sbundle.check(bundle, raw_bundle.at)
+    if flags[Service.K3S] and bundle is None:
+        section.field("k3s").fail("K3s is enabled but services.k3s_bundle is not set",
+                                  hint="K3s comes from an air-gap bundle (k3s binary + images "
+                                       "tarball): set k3s_bundle to its path")
+    return Services(enabled=flags, k3s_bundle=bundle)
 
 
-@dataclass(frozen=True)
-class _RawNode:
-    """A node as written, before defaults: kept with its fields' places for errors."""
-
-    at: Field
-    mac: str
-    mac_at: Field
-    roles: tuple[Role, ...]
-    name: str | None
-    name_at: Field
-    ip: IPv4Address | None
-    ip_at: Field
-    disks: tuple[str, ...]
-    disks_at: Field
-    boot: BootMode
-
-    @classmethod
-    def parse(cls, value: Value) -> _RawNode:
-        s = Section(value, ("mac", "roles", "role", "name", "ip", "disks", "boot"))
-        if s.has("roles") and s.has("role"):
-            s.field("role").fail("give either 'role' or 'roles', not both")
-        if s.has("role"):
-            roles: tuple[Role, ...] = (parse_enum(s.get("role"), Role),)
-        else:
-            roles = tuple(parse_enum(v, Role) for v in s.require("roles").items())
-        if not roles:
-            s.field("roles").fail("a node needs at least one role",
-                                  hint="roles are: " + ", ".join(r.value for r in Role))
-        if len(set(roles)) != len(roles):
-            s.field("roles").fail("a role is listed twice")
-        disks = tuple(_parse_disk(v) for v in s.items("disks"))
-        return cls(
-            at=value.at,
-            mac=parse_mac(s.require("mac")),
-            mac_at=s.field("mac"),
-            roles=roles,
-            name=parse_label(s.get("name"), "hostname") if s.has("name") else None,
-            name_at=s.field("name"),
-            ip=parse_address(s.get("ip")) if s.has("ip") else None,
-            ip_at=s.field("ip"),
-            disks=disks,
-            disks_at=s.field("disks"),
-            boot=parse_enum(s.get("boot", BootMode.INSTALL.value), BootMode),
-        )
+def _parse_node(s: Section) -> dict[str, Any]:
+    if s.has("roles") and s.has("role"):
+        s.field("role").fail("give either 'role' or 'roles', not both")
+    if s.has("role"):
+        roles: tuple[Role, ...] = (parse_enum(s.get("role"), Role),)
+    else:
+        roles = tuple(parse_enum(v, Role) for v in s.require("roles").items())
+    if not roles:
+        s.field("roles").fail("a node needs at least one role", hint="roles are: " + ", ".join(r.value for r in Role))
+    if len(set(roles)) != len(roles):
+        s.field("roles").fail("a role is listed twice")
+    storage = Role.STORAGE in roles
+    disks = tuple(parse_disk(v, storage) for v in s.items("disks"))
+    if len({d.path for d in disks}) != len(disks):
+        s.field("disks").fail("a disk is listed twice")
+    return dict(
+        mac=parse_mac(s.require("mac")),
+        roles=roles,
+        name=parse_hostname(s.get("name")) if s.has("name") else None,
+        ip=parse_address(s.get("ip")) if s.has("ip") else None,
+        disks=disks,
+        boot=parse_enum(s.get("boot", BootMode.INSTALL.value), BootMode),
+    )
 
 
-def _parse_disk(value: Value) -> str:
-    text = value.expect(str)
-    if not re.match(r"^/dev/[A-Za-z0-9/_.:-]+$", text):
-        value.at.fail(f"'{text}' is not a device path", hint="for example /dev/vdb or /dev/disk/by-id/...")
-    return text
+def _usable_host(at: Field, addr: IPv4Address, what: str) -> None:
+    if addr.is_unspecified or addr.is_multicast or addr == IPv4Address("255.255.255.255") or addr.is_reserved:
+        at.fail(f"{addr} cannot be {what}")
 
 
-def _load_network(s: Section, nodes: list[_RawNode]) -> Network:
+def _load_network(s: Section, nodes: list[identity.RawNode]) -> Network:
     subnet = parse_network(s.require("subnet"))
     hosts = subnet.num_addresses - 2
     if hosts < 4:
-        s.field("subnet").fail(f"{subnet} is too small for a cluster")
+        s.field("subnet").fail(f"{subnet} is too small for a cluster", hint="use a /29 or larger")
     gateway = parse_address(s.get("gateway")) if s.has("gateway") else subnet.network_address + 1
     dns = tuple(parse_address(v) for v in s.items("dns")) or (gateway,)
+    for i, (addr, value) in enumerate(zip(dns, s.items("dns"), strict=False)):
+        _usable_host(value.at, addr, f"a DNS server (dns[{i}])")
     vip = parse_address(s.get("vip")) if s.has("vip") else subnet.broadcast_address - 1
     overlay = parse_network(s.get("overlay", "10.99.0.0/24"))
 
@@ -386,8 +378,32 @@ def _load_network(s: Section, nodes: list[_RawNode]) -> Network:
             s.field("boot_server").fail(f"{boot_server} is already used by the gateway, VIP or a node")
     else:
         boot_server = next(a for a in subnet.hosts() if a not in taken)
+    ranges = _load_ranges(s, subnet)
     return Network(subnet=subnet, gateway=gateway, dns=dns, vip=vip, overlay=overlay,
-                   boot_server=boot_server)
+                   boot_server=boot_server, ranges=ranges)
+
+
+def _load_ranges(s: Section, subnet: IPv4Network) -> dict[str, tuple[int, int]]:
+    """Host-number ranges per name plan: the defaults scaled to the subnet, or the inventory's."""
+    ranges = identity.default_ranges(subnet)
+    section = s.section("ranges", tuple(ranges))
+    last_host = subnet.num_addresses - 2
+    for plan in ranges:
+        if not section.has(plan):
+            continue
+        value = section.get(plan)
+        match = re.fullmatch(r"\s*(\d{1,9})\s*-\s*(\d{1,9})\s*", value.raw if isinstance(value.raw, str) else "")
+        if not match:
+            value.at.fail(f"expected a range of host numbers such as \"11-30\", got {yamlsource.describe(value.raw)}")
+        first, last = int(match.group(1)), int(match.group(2))
+        if not 1 <= first <= last <= last_host:
+            value.at.fail(f"{first}-{last} is not a range of host numbers inside {subnet} (1-{last_host})")
+        ranges[plan] = (first, last)
+    ordered = sorted(ranges.items(), key=lambda item: item[1])
+    for (a, (_, a_last)), (b, (b_first, _)) in zip(ordered, ordered[1:], strict=False):
+        if b_first <= a_last:
+            section.at.fail(f"the {a} and {b} ranges overlap")
+    return ranges
 
 
 def _check_in_subnet(at: Field, addr: IPv4Address, subnet: IPv4Network) -> None:
@@ -395,72 +411,6 @@ def _check_in_subnet(at: Field, addr: IPv4Address, subnet: IPv4Network) -> None:
         at.fail(f"{addr} is outside the subnet {subnet}")
     if addr in (subnet.network_address, subnet.broadcast_address):
         at.fail(f"{addr} is the subnet's {'network' if addr == subnet.network_address else 'broadcast'} address")
-
-
-def _resolve_nodes(raw: list[_RawNode], network: Network) -> tuple[Node, ...]:
-    subnet = network.subnet
-    seen_macs: dict[str, Field] = {}
-    seen_names: dict[str, Field] = {}
-    seen_ips: dict[IPv4Address, Field] = {}
-    for node in raw:
-        if node.mac in seen_macs:
-            node.mac_at.fail(f"MAC {node.mac} is used twice (first at line {seen_macs[node.mac].line})")
-        seen_macs[node.mac] = node.mac_at
-        if node.name is not None:
-            if node.name in seen_names:
-                node.name_at.fail(f"name '{node.name}' is used twice "
-                                  f"(first at line {seen_names[node.name].line})")
-            seen_names[node.name] = node.name_at
-        if node.ip is not None:
-            _check_in_subnet(node.ip_at, node.ip, subnet)
-            for what, addr in (("gateway", network.gateway), ("VIP", network.vip)):
-                if node.ip == addr:
-                    node.ip_at.fail(f"{node.ip} is the {what}'s address")
-            if node.ip in seen_ips:
-                node.ip_at.fail(f"address {node.ip} is used twice (first at line {seen_ips[node.ip].line})")
-            seen_ips[node.ip] = node.ip_at
-        if node.disks and Role.STORAGE not in node.roles:
-            node.disks_at.fail("only storage nodes hold Ceph data disks",
-                               hint="add 'storage' to the node's roles, or remove its disks")
-
-    names = set(seen_names)
-    used_ips = set(seen_ips) | {network.gateway, network.vip, network.boot_server}
-    counters: dict[str, int] = {}
-    resolved = []
-    for node in raw:
-        plan = plan_for(node.roles)
-        name = node.name
-        if name is None:
-            n = counters.get(plan.prefix, 1)
-            while f"{plan.prefix}{n}" in names:
-                n += 1
-            name = f"{plan.prefix}{n}"
-            counters[plan.prefix] = n + 1
-            names.add(name)
-        ip = node.ip
-        if ip is None:
-            ip = _first_free(subnet, plan, used_ips)
-            if ip is None:
-                node.at.fail(
-                    f"no free address left for a '{plan.prefix}' node: host numbers "
-                    f".{plan.first_host}-.{plan.last_host} of {subnet} are all taken or outside it",
-                    hint="give this node an explicit 'ip'")
-            used_ips.add(ip)
-        host_number = int(ip) - int(subnet.network_address)
-        overlay_ip = network.overlay.network_address + host_number
-        resolved.append(Node(name=name, mac=node.mac, roles=node.roles, ip=ip,
-                             overlay_ip=overlay_ip, disks=node.disks, boot=node.boot))
-    return tuple(resolved)
-
-
-def _first_free(subnet: IPv4Network, plan: NamePlan, used: set[IPv4Address]) -> IPv4Address | None:
-    for host in range(plan.first_host, plan.last_host + 1):
-        addr = subnet.network_address + host
-        if addr not in subnet or addr == subnet.broadcast_address:
-            return None
-        if addr not in used:
-            return addr
-    return None
 
 
 def _check_services(cluster: Cluster, services: Section) -> None:
@@ -477,6 +427,9 @@ def _check_services(cluster: Cluster, services: Section) -> None:
     if s.slurm and not cluster.with_role(Role.COMPUTE):
         services.field("slurm").fail("SLURM is enabled but no node has the compute role",
                                      hint="add 'compute' to a node's roles, or set services.slurm: false")
+    for service in (Service.CEPH, Service.SLURM, Service.K3S):
+        if s.enabled[service] and not s.etcd:
+            services.field(str(service)).fail(f"{service} needs etcd (the agent keeps its run-time state there)",
+                                              hint="set services.etcd: true")
     if s.k3s and not core:
         services.field("k3s").fail("K3s servers run on core nodes; the inventory has none")
-

@@ -31,6 +31,15 @@ def die(message: str, hint: str | None = None) -> NoReturn:
     raise UserError(message, hint)
 
 
+def shorten(value: object, limit: int = 40) -> str:
+    """A user's value quoted for a message: non-printable characters escaped, long ones cut."""
+    text = value if isinstance(value, str) else str(value)
+    quoted = repr(text[:limit + 1])[1:-1]
+    if len(text) > limit:
+        return f"'{quoted[:limit]}...' ({len(text)} characters)"
+    return f"'{quoted}'"
+
+
 def set_verbose(on: bool) -> None:
     global VERBOSE
     VERBOSE = on

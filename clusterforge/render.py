@@ -2,13 +2,12 @@
 
 One strict Jinja2 environment; one template per kind of file, with role and
 service conditionals inside. Output goes to a temporary directory swapped in
-only when complete.
+only when complete, under a lock per cluster.
 """
 
 from __future__ import annotations
 
-import base64
-import json
+import gzip
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,74 +15,26 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-import jinja2
-
+from . import fsutil, identity, templates
 from . import secrets as secrets_mod
 from .fsutil import atomic_path
-from .inventory import HTTP_PORT, IMAGE_NAME, Cluster, Node, Role
-from .packages import disabled_units, service_packages
+from .inventory import HTTP_PORT, Cluster, Node, Role
+from .node import layout
+from .node import seed as seedlib
+from .node.seed import Service
+from .packages import disable_units_command, service_packages, unit_patterns
+from .paths import writable_dir
 from .seediso import seed_iso_bytes
+from .templates import TemplateError
 
-ROOT = Path(__file__).resolve().parent.parent
-TEMPLATE_DIRS = (ROOT / "autoinstall", ROOT / "pxe")
-KERNEL_ARGS = "console=tty0 console=ttyS0,115200"
+__all__ = ["Rendered", "Site", "TemplateError", "dnsmasq_conf", "render", "render_template"]
 
-
-class TemplateError(Exception):
-    """A bug in a template: names the template file and line."""
-
-
-def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader([str(d) for d in TEMPLATE_DIRS]),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        autoescape=False,
-    )
-    env.filters["b64encode"] = lambda data: base64.b64encode(data).decode()
-    # JSON strings are YAML strings: quoting any value this way is always safe.
-    env.filters["tojson"] = lambda value: json.dumps(value, ensure_ascii=False)
-    env.filters["block"] = yaml_block
-    env.globals["Role"] = Role
-    return env
-
-
-def yaml_block(text: str, indent: int) -> str:
-    """A YAML literal block scalar of text, indented for a value at column `indent`.
-
-    Readable where tojson would give one long line; clip chomping keeps one final newline.
-    """
-    if not text.endswith("\n") or text.endswith("\n\n") or text[:1].isspace():
-        raise ValueError("yaml_block takes text with exactly one final newline and no leading space")
-    pad = " " * indent
-    return "|\n" + "".join(pad + line if line.strip() else "\n"
-                            for line in text.splitlines(True)).rstrip("\n")
-
-
-_ENV = _environment()
+TEMPLATE_DIRS = (templates.ROOT / "autoinstall", templates.ROOT / "pxe")
+_ENV = templates.environment(TEMPLATE_DIRS)
 
 
 def render_template(name: str, **context: Any) -> str:
-    try:
-        return _ENV.get_template(name).render(**context)
-    except jinja2.TemplateSyntaxError as exc:
-        raise TemplateError(f"{exc.filename}:{exc.lineno}: {exc.message}") from None
-    except jinja2.TemplateError as exc:
-        raise TemplateError(f"{_template_location(exc, name)}: {exc}") from None
-
-
-def _template_location(exc: BaseException, name: str) -> str:
-    # Jinja rewrites tracebacks so that template frames carry the template's file and line.
-    tb = exc.__traceback__
-    where = name
-    while tb is not None:
-        filename = tb.tb_frame.f_code.co_filename
-        if filename.endswith(".j2"):
-            where = f"{filename}:{tb.tb_lineno}"
-        tb = tb.tb_next
-    return where
+    return templates.render(_ENV, name, **context)
 
 
 @dataclass(frozen=True)
@@ -98,16 +49,31 @@ class Site:
         return f"http://{self.address}:{self.port}"
 
 
-def render(cluster: Cluster, out_root: Path, state_root: Path,
-           site: Site | None = None) -> Path:
+@dataclass(frozen=True)
+class Rendered:
+    path: Path  # <out>/<cluster>/
+    changes: identity.Changes
+    reissued: tuple[str, ...]  # nodes whose certificate this render issued
+
+
+def render(cluster: Cluster, out_root: Path, state_root: Path, site: Site | None = None,
+           rekey: bool = False) -> Rendered:
     """Write <out_root>/<cluster>/ whole; a failure leaves the previous output untouched."""
     site = site or Site(cluster.network.boot_server)
-    secrets = secrets_mod.ensure(cluster, state_root)
+    writable_dir(out_root, "--out")
+    writable_dir(state_root, "--state")
+    state = secrets_mod.cluster_state(state_root, cluster)
     final = out_root / cluster.name
-    files = render_files(cluster, secrets, site, previous=final)
-    with atomic_path(final) as tmp:
-        write_tree(tmp, files)
-    return final
+    with secrets_mod.locked(state), fsutil.locked(out_root / f".{cluster.name}.lock", f"{final}"):
+        records = identity.Records.read(state)
+        changes = identity.changes(cluster.nodes, records)
+        secrets = secrets_mod.ensure(cluster, state_root, rekey=rekey)
+        files = render_files(cluster, secrets, site, previous=final)
+        with atomic_path(final) as tmp:
+            write_tree(tmp, files)
+        records.write(cluster.nodes)
+    reissued = tuple(name for name, s in secrets.nodes.items() if s.reissued)
+    return Rendered(final, changes, reissued)
 
 
 # A rendered tree: relative path -> (content, file mode). Rendering is pure; writing is I/O.
@@ -116,15 +82,43 @@ PRIVATE = 0o600  # what holds a node's private keys
 PUBLIC = 0o644
 
 
+def cluster_seed(cluster: Cluster, secrets: secrets_mod.ClusterSecrets, nodes: tuple[Node, ...]) -> seedlib.ClusterSeed:
+    """The cluster as the given nodes' seed describes it (seed.py declares the layout)."""
+    net = cluster.network
+    return seedlib.ClusterSeed(
+        name=cluster.name, domain=cluster.domain, os=str(cluster.os), timezone=cluster.timezone,
+        network=seedlib.SeedNetwork(subnet=net.subnet, gateway=net.gateway, dns=net.dns, vip=net.vip,
+                                    overlay=net.overlay, boot_server=net.boot_server),
+        services=dict(cluster.services.enabled),
+        nodes=tuple(seedlib.SeedNode(name=n.name, mac=n.mac, roles=n.roles, ip=n.ip, overlay_ip=n.overlay_ip,
+                                     disks=n.disks, boot=n.boot, fqdn=cluster.fqdn(n),
+                                     wireguard_public=secrets.node(n).wireguard_public if cluster.services.wireguard
+                                     else "")
+                    for n in nodes),
+        ceph_fsid=secrets.ceph_fsid if cluster.services.ceph else "",
+        k3s_bundle=cluster.services.k3s_bundle is not None,
+    )
+
+
 def render_files(cluster: Cluster, secrets: secrets_mod.ClusterSecrets, site: Site, previous: Path) -> Files:
-    files: Files = {"inventory.json": (cluster.to_json().encode(), PUBLIC)}
-    facts = _Facts(cluster, secrets)
-    shared = dict(cluster=cluster, secrets=secrets,
+    everyone = cluster_seed(cluster, secrets, cluster.nodes)
+    files: Files = {"inventory.json": (everyone.to_json().encode(), PUBLIC)}
+    core = cluster.with_role(Role.CORE)
+    shared = dict(cluster=cluster, secrets=secrets, site=site,
                   ssh_keys=[*cluster.ssh_authorized_keys, secrets.operator_ssh_public],
-                  packages=service_packages(cluster), disabled_units=disabled_units(),
-                  agent_url=f"{site.base_url}/images/clusterforge-agent.tar.gz")
-    for index, node in enumerate(cluster.nodes):
-        files.update(_node_files(node, facts.for_node(index), shared, previous / "nodes" / node.name))
+                  operator=seedlib.OPERATOR, operator_uid=seedlib.OPERATOR_UID)
+    if cluster.os != "debian-12":  # the Ubuntu autoinstall carries the node package itself
+        from .factory.payload import payload_bytes
+
+        shared["packages"] = service_packages(cluster)
+        shared["disable_units"] = disable_units_command(unit_patterns())
+        shared["payload"] = gzip.compress(payload_bytes(), mtime=0)
+    for node in cluster.nodes:
+        # Core nodes seed etcd and know every node; the others know the core nodes and
+        # themselves, so a seed stays small however large the cluster (the rest is in etcd).
+        seen = cluster.nodes if node.has(Role.CORE) else tuple(n for n in cluster.nodes if n in core or n == node)
+        cluster_json = cluster_seed(cluster, secrets, seen).to_json()
+        files.update(_node_files(node, cluster_json, shared, previous / "nodes" / node.name))
     files.update(_pxe_files(cluster, site))
     return files
 
@@ -152,53 +146,67 @@ def write_tree(root: Path, files: Files) -> None:
 WRITERS = 8
 
 
-class _Facts:
-    """What a node's seed says about the cluster: the resolved inventory and generated public
-    facts. Core nodes, which seed etcd, get every node; the others get the core nodes and
-    themselves, so a seed stays small however large the cluster (the rest comes from etcd)."""
+@dataclass(frozen=True)
+class SeedFile:
+    """One file cloud-init writes on the node: single-line secrets as JSON strings, text as
+    YAML blocks, binary as base64."""
 
-    def __init__(self, cluster: Cluster, secrets: secrets_mod.ClusterSecrets):
-        self.base = cluster.to_dict()
-        self.nodes = self.base.pop("nodes")
-        self.core = [i for i, n in enumerate(cluster.nodes) if n.has(Role.CORE)]
-        self.cluster = cluster
-        self.secrets = secrets
+    path: str
+    mode: str
+    content: str | bytes
 
-    def for_node(self, index: int) -> str:
-        if self.cluster.nodes[index].has(Role.CORE):
-            chosen = list(range(len(self.nodes)))
-        else:
-            chosen = sorted({*self.core, index})
-        nodes = [self.nodes[i] for i in chosen]
-        facts = {**self.base, "nodes": nodes, "generated": {
-            "ceph_fsid": self.secrets.ceph_fsid,
-            "wireguard_public_keys": {n["name"]: self.secrets.nodes[n["name"]].wireguard_public
-                                      for n in nodes},
-        }}
-        return json.dumps(facts, indent=2) + "\n"
+    @property
+    def block(self) -> bool:
+        return isinstance(self.content, str) and self.content.count("\n") > 1
+
+
+def seed_files(cluster: Cluster, node: Node, secrets: secrets_mod.ClusterSecrets, cluster_json: str) -> list[SeedFile]:
+    """Who gets which key: each secret reaches only the nodes that use it."""
+    own = secrets.node(node)
+    conf, pki, sec = str(seedlib.CONFIG_DIR), f"{seedlib.CONFIG_DIR}/{seedlib.PKI_DIR}", \
+        f"{seedlib.CONFIG_DIR}/{seedlib.SECRETS_DIR}"
+    identity_json = seedlib.Identity(cluster=cluster.name, node=node.name).to_json()
+    files = [
+        SeedFile(f"{conf}/{seedlib.CLUSTER_JSON}", "0644", cluster_json),
+        SeedFile(f"{conf}/{seedlib.IDENTITY_JSON}", "0644", identity_json),
+        SeedFile(f"{pki}/{seedlib.CA_CERT}", "0644", secrets.ca_cert),
+        SeedFile(f"{pki}/{seedlib.NODE_CERT}", "0644", own.tls_cert),
+        SeedFile(f"{pki}/{seedlib.NODE_KEY}", "0600", own.tls_key),
+    ]
+    on = cluster.services.enabled
+    wanted: list[tuple[bool, str, str | bytes]] = [
+        (on[Service.WIREGUARD], seedlib.WIREGUARD_KEY, own.wireguard_private + "\n"),
+        (on[Service.SLURM], seedlib.MUNGE_KEY, secrets.munge_key),
+        (on[Service.K3S] and (node.has(Role.CORE) or node.has(Role.COMPUTE)), seedlib.K3S_TOKEN,
+         secrets.k3s_token + "\n"),
+        (on[Service.CEPH] and node.has(Role.CORE), seedlib.CEPH_MON_KEY, secrets.ceph_keys["mon."] + "\n"),
+        (on[Service.CEPH] and node.has(Role.CORE), seedlib.CEPH_ADMIN_KEY, secrets.ceph_keys["client.admin"] + "\n"),
+        (on[Service.CEPH] and node.has(Role.CORE), seedlib.CEPH_MGR_KEY, own.ceph_mgr_key + "\n"),
+        (on[Service.CEPH] and node.has(Role.STORAGE), seedlib.CEPH_BOOTSTRAP_OSD_KEY,
+         secrets.ceph_keys["client.bootstrap-osd"] + "\n"),
+    ]
+    files += [SeedFile(f"{sec}/{name}", "0600", content) for wanted_, name, content in wanted if wanted_]
+    return files
 
 
 def _node_files(node: Node, cluster_json: str, shared: dict[str, Any], previous: Path) -> Files:
     cluster: Cluster = shared["cluster"]
     context = dict(shared, node=node, fqdn=cluster.fqdn(node),
-                   node_secrets=shared["secrets"].nodes[node.name], cluster_json=cluster_json,
-                   identity_json=json.dumps({"cluster": cluster.name, "node": node.name}) + "\n")
-    seed = {
-        "user-data": render_template("user-data.j2", **context),
-        "meta-data": render_template("meta-data.j2", **context),
-        "network-config": render_template("network-config.j2", **context),
-    }
-    autoinstall = render_template("autoinstall.yaml.j2", **context, user_data=seed["user-data"],
-                                  network_config=seed["network-config"])
-    seed_bytes = {name: text.encode() for name, text in seed.items()}
+                   files=seed_files(cluster, node, shared["secrets"], cluster_json))
+    seed = {name: render_template(f"{name}.j2", **context) for name in seedlib.NOCLOUD_FILES}
     prefix = f"nodes/{node.name}/"
-    return {
+    seed_bytes = {name: text.encode() for name, text in seed.items()}
+    files = {
         prefix + "user-data": (seed_bytes["user-data"], PRIVATE),
         prefix + "meta-data": (seed_bytes["meta-data"], PUBLIC),
         prefix + "network-config": (seed_bytes["network-config"], PUBLIC),
         prefix + "seed.iso": (_seed_iso(seed_bytes, previous), PRIVATE),
-        prefix + "autoinstall.yaml": (autoinstall.encode(), PRIVATE),
     }
+    if "payload" in shared:
+        autoinstall = render_template("autoinstall.yaml.j2", **context, user_data=seed["user-data"],
+                                      network_config=seed["network-config"])
+        files[prefix + "autoinstall.yaml"] = (autoinstall.encode(), PRIVATE)
+    return files
 
 
 def _seed_iso(files: dict[str, bytes], previous: Path) -> bytes:
@@ -220,8 +228,8 @@ def _pxe_files(cluster: Cluster, site: Site) -> Files:
         "pxe/dnsmasq.conf": (dnsmasq_conf(cluster, site, mode="dhcp").encode(), PUBLIC),
     }
     for node in cluster.nodes:
-        script = render_template("node.ipxe.j2", **base, node=node, image_name=IMAGE_NAME,
-                                 kernel_args=KERNEL_ARGS)
+        script = render_template("node.ipxe.j2", **base, node=node, image_name=cluster.image_name,
+                                 kernel_args=layout.KERNEL_ARGS)
         files[f"pxe/mac/{node.mac_hyphen}.ipxe"] = (script.encode(), PUBLIC)
     return files
 
@@ -232,9 +240,10 @@ def dnsmasq_conf(cluster: Cluster, site: Site, mode: str) -> str:
                            boot_url=f"{site.base_url}/{cluster.name}/pxe/boot.ipxe")
 
 
-def dhcp_pool(cluster: Cluster, site: Site) -> tuple[IPv4Address, IPv4Address]:
+def dhcp_pool(cluster: Cluster, site: Site) -> tuple[IPv4Address, IPv4Address] | None:
     """The longest run of free addresses in the subnet's top quarter: leases for machines
-    not in the inventory, so they can boot the menu and be discovered."""
+    not in the inventory, so they can boot the menu and be discovered. None when the subnet
+    has no free address at all (then only the inventory's machines get one)."""
     net = cluster.network
     used = {int(a) for a in (net.gateway, net.vip, site.address, *(n.ip for n in cluster.nodes))}
     first, last = int(net.subnet.network_address) + 1, int(net.subnet.broadcast_address) - 1
@@ -247,7 +256,9 @@ def dhcp_pool(cluster: Cluster, site: Site) -> tuple[IPv4Address, IPv4Address]:
         if run_start is not None and addr - run_start > best[1] - best[0] + 1:
             best = (run_start, addr - 1)
         run_start = None
-    if best[1] < best[0]:  # a tiny, full subnet: any free address will do
-        free = next((a for a in range(first, last + 1) if a not in used), last)
+    if best[1] < best[0]:  # a tiny, full top quarter: any free address will do
+        free = next((a for a in range(first, last + 1) if a not in used), None)
+        if free is None:
+            return None
         best = (free, free)
     return IPv4Address(best[0]), IPv4Address(best[1])

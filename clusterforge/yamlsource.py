@@ -1,11 +1,15 @@
 """YAML with line numbers, and a cursor that names file, line and field in errors.
 
-Only `inventory.py` uses this; everything past it sees the typed model.
+Only `inventory.py` uses this; everything past it sees the typed model. Whatever the
+file holds (another encoding, a nesting bomb, aliases that expand to gigabytes, tags),
+the result is a value or a message: never a traceback, and a message never prints more
+than a few dozen characters of the user's input.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +17,10 @@ from typing import Any, NoReturn
 
 import yaml
 
-from .log import die
+from .log import die, shorten
+
+MAX_BYTES = 4 * 1024**2  # a 1,000-node inventory is about 100 KiB
+MAX_DEPTH = 32  # inventories nest four levels deep; PyYAML's parser recurses per level
 
 
 class Mapping(dict[Any, Any]):
@@ -35,22 +42,27 @@ class _Loader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Mapping:
+    # Keys merged in with `<<: *anchor` may be overridden by the mapping's own keys, as
+    # YAML's merge rules say; a key written twice in the mapping itself is an error.
+    merged = len(node.value)
     loader.flatten_mapping(node)
+    merged = len(node.value) - merged  # flatten_mapping puts the merged pairs first
     result = Mapping()
     result.line = node.start_mark.line + 1
     result.key_lines = {}
-    for key_node, value_node in node.value:
+    own: set[Any] = set()
+    for index, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
         if not isinstance(key, str):
             raise yaml.constructor.ConstructorError(
-                None, None, f"keys must be strings, got {key!r}", key_node.start_mark
-            )
-        if key in result:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first at line {result.key_lines[key]})",
-                key_node.start_mark,
-            )
+                None, None, f"keys must be strings, got {describe(key)}", key_node.start_mark)
+        if index >= merged:
+            if key in own:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {shorten(key)} (first at line {result.key_lines[key]})",
+                    key_node.start_mark)
+            own.add(key)
         result[key] = loader.construct_object(value_node, deep=True)
         result.key_lines[key] = line
     return result
@@ -63,17 +75,51 @@ def _construct_sequence(loader: _Loader, node: yaml.SequenceNode) -> Sequence:
     return result
 
 
+def _refuse_tag(loader: _Loader, node: yaml.Node) -> Any:
+    raise yaml.constructor.ConstructorError(
+        None, None, f"the tag {shorten(node.tag)} is not allowed in an inventory", node.start_mark)
+
+
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
+# Plain data only: ordered maps, sets, pairs, binary and timestamps have no place here.
+for _tag in ("omap", "pairs", "set", "binary", "timestamp"):
+    _Loader.add_constructor(f"tag:yaml.org,2002:{_tag}", _refuse_tag)
+_Loader.add_constructor(None, _refuse_tag)  # type: ignore[arg-type]
+
+
+def _depth(text: str) -> int:
+    """The deepest bracket nesting of flow collections, counted without parsing (PyYAML's
+    parser recurses once per level and would overflow the stack on a nesting bomb)."""
+    depth = deepest = 0
+    for char in re.sub(r"#[^\n]*|\"(?:[^\"\\\n]|\\.)*\"|'[^'\n]*'", "", text):
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return deepest
 
 
 def load(path: Path) -> Any:
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         die(f"{path}: no such file", hint="pass --inventory PATH to an inventory YAML file")
+    except IsADirectoryError:
+        die(f"{path}: is a directory, not an inventory file")
     except OSError as exc:
         die(f"{path}: cannot read: {exc.strerror}")
+    if len(data) > MAX_BYTES:
+        die(f"{path}: {len(data)} bytes is too large for an inventory (at most {MAX_BYTES})")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        die(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start})",
+            hint="save the inventory as UTF-8")
+    if _depth(text) > MAX_DEPTH:
+        die(f"{path}: collections nested more than {MAX_DEPTH} levels deep")
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
     except yaml.MarkedYAMLError as exc:
@@ -82,7 +128,9 @@ def load(path: Path) -> Any:
         problem = " ".join(p for p in (exc.context, exc.problem) if p)
         die(f"{path}:{line}: YAML syntax error: {problem}")
     except yaml.YAMLError as exc:
-        die(f"{path}: YAML error: {exc}")
+        die(f"{path}: YAML error: {shorten(str(exc), 200)}")
+    except RecursionError:
+        die(f"{path}: nested too deeply to be an inventory")
 
 
 TYPE_NAMES = {
@@ -121,8 +169,17 @@ class Value:
         # bool is an int subclass in Python; YAML `yes`/`no` are booleans, not numbers.
         ok = isinstance(self.raw, kind) and not (kind is int and isinstance(self.raw, bool))
         if not ok:
-            self.at.fail(f"expected {TYPE_NAMES.get(kind, kind.__name__)}, got {_describe(self.raw)}")
+            self.at.fail(f"expected {TYPE_NAMES.get(kind, kind.__name__)}, got {describe(self.raw)}",
+                         hint=_quote_hint(self.raw) if kind is str else None)
         return self.raw
+
+    def text(self) -> str:
+        """A string of printable characters on one line: what every text field takes."""
+        text: str = self.expect(str)
+        bad = next((c for c in text if not c.isprintable()), None)
+        if bad is not None:
+            self.at.fail(f"{shorten(text)} holds the character {bad!r}, which has no place in this field")
+        return text
 
     def items(self) -> Iterator[Value]:
         seq = self.expect(Sequence)
@@ -130,13 +187,28 @@ class Value:
             yield Value(raw, self.at.child(i, line))
 
 
-def _describe(raw: Any) -> str:
+def _quote_hint(raw: Any) -> str | None:
+    # YAML 1.1 reads 52:54:00:00:00:11 as a base-60 number and 1e3 or 010 as numbers too.
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        return "put the value in quotes, e.g. \"52:54:00:00:00:11\": YAML reads some unquoted values as numbers"
+    return None
+
+
+def describe(raw: Any) -> str:
+    """What a value is, in a few words: never its full text (an alias bomb's repr is gigabytes)."""
     if raw is None:
         return "nothing (null)"
-    for kind, name in TYPE_NAMES.items():
-        if isinstance(raw, kind):
-            return f"{name} ({raw!r})" if not isinstance(raw, (Mapping, Sequence)) else name
-    return f"{type(raw).__name__} ({raw!r})"
+    if isinstance(raw, bool):
+        return f"true or false ({'true' if raw else 'false'})"
+    if isinstance(raw, (int, float)):
+        return f"a number ({shorten(str(raw))})"
+    if isinstance(raw, str):
+        return f"a string ({shorten(raw)})"
+    if isinstance(raw, dict):
+        return "a mapping"
+    if isinstance(raw, (list, tuple)):
+        return "a list"
+    return f"a {type(raw).__name__}"
 
 
 class Section:
@@ -150,7 +222,7 @@ class Section:
                 close = difflib.get_close_matches(key, known, n=2)
                 hint = ("did you mean " + " or ".join(f"'{c}'" for c in close) + "?" if close
                         else "known keys: " + ", ".join(known))
-                self.at.child(key, self.data.key_lines[key]).fail(f"unknown key '{key}'", hint=hint)
+                self.at.child(key, self.data.key_lines[key]).fail(f"unknown key {shorten(key)}", hint=hint)
 
     def has(self, key: str) -> bool:
         return key in self.data
@@ -162,8 +234,11 @@ class Section:
         return Value(self.data.get(key, default), self.field(key))
 
     def require(self, key: str) -> Value:
-        if key not in self.data or self.data[key] is None:
-            self.at.fail(f"missing required key '{key}'")
+        if key not in self.data:
+            if self.at.path:
+                self.at.fail(f"missing required key '{key}'")
+            die(f"{self.at.file}: {key}: the inventory has no '{key}' section",
+                hint="see examples/cluster.yaml for every section")
         return self.get(key)
 
     def section(self, key: str, known: tuple[str, ...]) -> Section:
@@ -178,3 +253,8 @@ class Section:
         """The items of the list at key; none when the key is absent."""
         if key in self.data:
             yield from self.get(key).items()
+
+
+def did_you_mean(word: str, choices: list[str]) -> str | None:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else None

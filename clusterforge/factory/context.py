@@ -2,10 +2,9 @@
 that cache outputs by the hash of their inputs.
 
 A stage computes a key with `content_hash()` over everything that shapes its
-output, returns early when `is_fresh(output, key)`, otherwise builds into the
-path yielded by `fsutil.atomic_path(output)` and calls `write_stamp(output, key)`.
-The stamp is written last, so an interrupted build is never mistaken for a
-finished one.
+output and calls `cached_stage()`, which returns at once when the output is fresh,
+otherwise builds into a temporary path renamed into place, then stamps it. The stamp
+is written last, so an interrupted build is never mistaken for a finished one.
 """
 
 from __future__ import annotations
@@ -13,10 +12,15 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..fsutil import atomic_path
 from ..inventory import IMAGE_NAME
+from ..log import info, stage
+from ..node.layout import KERNEL_ARGS
+from ..packages import image_package_sets
 
 MiB = 1024**2
 GiB = 1024**3
@@ -42,8 +46,8 @@ class BuildContext:
     security_mirror: str = "http://deb.debian.org/debian-security"
     # Shared with the host's apt so repeated builds (and host installs) download once.
     apt_cache: Path = Path("/var/cache/apt/archives")
-    package_sets: tuple[str, ...] = ("common", "etcd", "ceph", "slurm", "wireguard", "k3s")
-    kernel_cmdline: str = "console=tty0 console=ttyS0,115200"
+    package_sets: tuple[str, ...] = image_package_sets("debian-12")
+    kernel_cmdline: str = KERNEL_ARGS
     disk_size: int = 4 * GiB
     esp_size: int = 100 * MiB
 
@@ -59,14 +63,6 @@ class BuildContext:
     @property
     def packages_dir(self) -> Path:
         return self.root / "images" / "packages"
-
-    @property
-    def overlay_common(self) -> Path:
-        return self.root / "overlays" / "common"
-
-    @property
-    def package_src(self) -> Path:
-        return self.root / "clusterforge"
 
     @property
     def rootfs_dir(self) -> Path:
@@ -171,6 +167,19 @@ def input_key(upstream: Path, stage: str) -> str:
     if key is None:
         raise RuntimeError(f"no finished output at {upstream}: run the {stage} stage first")
     return key
+
+
+def cached_stage(name: str, out: Path, key: str, build: Callable[[Path], None], title: str = "") -> Path:
+    """The one shape of every stage: up to date (say so, return), or build into a temporary
+    path that replaces `out` only when complete, then stamp it with the key."""
+    if is_fresh(out, key):
+        info(f"{name}: up to date ({out})")
+        return out
+    drop_stamp(out)
+    with stage(f"{name}: {title}" if title else name), atomic_path(out) as tmp:
+        build(tmp)
+    write_stamp(out, key)
+    return out
 
 
 def drop_stamp(output: Path) -> None:

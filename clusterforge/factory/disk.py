@@ -17,10 +17,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fsutil import atomic_path
-from ..log import human_bytes, info, stage
+from ..log import human_bytes
+from ..node.layout import BIOS_BOOT_PARTITION, ESP_PARTITION, ROOT_PARTITION
 from ..run import run
-from .context import BuildContext, content_hash, drop_stamp, input_key, is_fresh, write_stamp
+from .context import BuildContext, cached_stage, content_hash, input_key
+
+RECIPE = 1  # bump when make_disk() changes what it lays out
 
 SECTOR = 512
 BIOS_BOOT_START = 2048  # 1 MiB: the usual alignment, and what partitioners expect
@@ -60,7 +62,7 @@ class Partition:
 def disk_key(ctx: BuildContext) -> str:
     return content_hash(
         input_key(ctx.rootfs_dir, "rootfs"),
-        Path(__file__),
+        str(RECIPE), str(GRUB_MODULES), str(GRUB_PLATFORM_MODULES), root_config(ctx.root_uuid),
         str(ctx.disk_size),
         str(ctx.esp_size),
         ctx.root_uuid,
@@ -69,17 +71,11 @@ def disk_key(ctx: BuildContext) -> str:
 
 
 def build_base_disk(ctx: BuildContext) -> Path:
-    key = disk_key(ctx)
-    out = ctx.base_disk
-    if is_fresh(out, key):
-        info(f"disk: up to date ({out})")
-    else:
-        drop_stamp(out)
-        with stage(f"disk: {human_bytes(ctx.disk_size)} GPT image"), atomic_path(out) as tmp:
-            with tempfile.TemporaryDirectory(dir=ctx.cache, prefix="disk-work-") as work:
-                make_disk(ctx, tmp, Path(work))
-        write_stamp(out, key)
-    return out
+    def build(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=ctx.cache, prefix="disk-work-") as work:
+            make_disk(ctx, tmp, Path(work))
+
+    return cached_stage("disk", ctx.base_disk, disk_key(ctx), build, f"{human_bytes(ctx.disk_size)} GPT image")
 
 
 def make_disk(ctx: BuildContext, disk: Path, work: Path) -> None:
@@ -116,20 +112,22 @@ def make_disk(ctx: BuildContext, disk: Path, work: Path) -> None:
 def partition(ctx: BuildContext, disk: Path) -> tuple[Partition, Partition, Partition]:
     esp_start = BIOS_BOOT_START + BIOS_BOOT_SECTORS
     # Fixed GUIDs: the same inputs give the same image, and PARTUUIDs are known.
-    ids = {n: ctx.stable_uuid(f"part{n}") for n in (1, 2, 3)}
+    numbers = (BIOS_BOOT_PARTITION, ESP_PARTITION, ROOT_PARTITION)
+    b, e, r = numbers
+    ids = {n: ctx.stable_uuid(f"part{n}") for n in numbers}
     run([
         "sgdisk", "--clear", f"--disk-guid={ctx.stable_uuid('disk')}",
-        f"--new=1:{BIOS_BOOT_START}:{esp_start - 1}", "--typecode=1:EF02",
-        "--change-name=1:bios-boot", f"--partition-guid=1:{ids[1]}",
-        f"--new=2:{esp_start}:+{ctx.esp_size // 1024}K", "--typecode=2:EF00",
-        "--change-name=2:esp", f"--partition-guid=2:{ids[2]}",
+        f"--new={b}:{BIOS_BOOT_START}:{esp_start - 1}", f"--typecode={b}:EF02",
+        f"--change-name={b}:bios-boot", f"--partition-guid={b}:{ids[b]}",
+        f"--new={e}:{esp_start}:+{ctx.esp_size // 1024}K", f"--typecode={e}:EF00",
+        f"--change-name={e}:esp", f"--partition-guid={e}:{ids[e]}",
         # 8304: "Linux root (x86-64)" of the discoverable partitions spec.
-        "--new=3:0:0", "--typecode=3:8304", "--change-name=3:root",
-        f"--partition-guid=3:{ids[3]}",
+        f"--new={r}:0:0", f"--typecode={r}:8304", f"--change-name={r}:root",
+        f"--partition-guid={r}:{ids[r]}",
         disk,
     ])  # fmt: skip
     parts = []
-    for number in (1, 2, 3):
+    for number in numbers:
         text = run(["sgdisk", f"--info={number}", disk]).stdout
         first = re.search(r"First sector: (\d+)", text)
         last = re.search(r"Last sector: (\d+)", text)

@@ -13,14 +13,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..fsutil import atomic_path
 from ..inventory import Cluster
-from ..log import stage
-from ..render import KERNEL_ARGS, render_template
+from ..node.layout import KERNEL_ARGS
+from ..node.seed import NOCLOUD_FILES
+from ..render import render_template
 from ..run import run
-from .context import BuildContext, content_hash, input_key, is_fresh, write_stamp
-
-SEED_FILES = ("user-data", "meta-data", "network-config")
+from .context import BuildContext, cached_stage, content_hash, input_key
 
 
 def _link(source: Path, target: Path) -> None:
@@ -33,41 +31,41 @@ def _link(source: Path, target: Path) -> None:
 
 def build_iso(ctx: BuildContext, cluster: Cluster, rendered: Path, netboot: Path, image_gz: Path) -> Path:
     out = ctx.out / "images" / f"{ctx.name}.iso"
-    seeds = [rendered / "nodes" / n.name / f for n in cluster.nodes for f in SEED_FILES]
+    seeds = [rendered / "nodes" / n.name / f for n in cluster.nodes for f in NOCLOUD_FILES]
     grub_cfg = render_template("grub-installer.cfg.j2", cluster=cluster, kernel_args=KERNEL_ARGS)
     key = content_hash(input_key(netboot, "netboot"), input_key(image_gz, "image_gz"), grub_cfg,
-                       *(p.read_bytes() for p in seeds), Path(__file__))
-    if is_fresh(out, key):
-        return out
+                       *(p.read_bytes() for p in seeds), "grub-mkrescue", "-volid CLUSTERFORGE")
     ctx.cache.mkdir(parents=True, exist_ok=True)
-    with stage(f"installer ISO for cluster {cluster.name}"), \
-            tempfile.TemporaryDirectory(prefix="iso-staging-", dir=ctx.cache) as staging_dir:
-        staging = Path(staging_dir)
-        for name, target in (("vmlinuz", "vmlinuz"), ("initrd.img", "initrd.img"),
-                             ("root.squashfs", "filesystem.squashfs")):
-            _link(netboot / name, staging / "live" / target)
-        _link(image_gz, staging / "clusterforge" / "image.raw.gz")
-        for node in cluster.nodes:
-            for name in SEED_FILES:
-                _link(rendered / "nodes" / node.name / name,
-                      staging / "clusterforge" / "seeds" / node.mac_hyphen / name)
-        (staging / "boot" / "grub").mkdir(parents=True)
-        (staging / "boot" / "grub" / "grub.cfg").write_text(grub_cfg)
-        with atomic_path(out) as tmp:
-            run(["grub-mkrescue", "-o", str(tmp), str(staging), "--", "-volid", "CLUSTERFORGE"])
+
+    def build(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(prefix="iso-staging-", dir=ctx.cache) as staging_dir:
+            stage_iso(Path(staging_dir), cluster, rendered, netboot, image_gz, grub_cfg)
+            run(["grub-mkrescue", "-o", str(tmp), staging_dir, "--", "-volid", "CLUSTERFORGE"])
             tmp.chmod(0o600)  # it carries every node's private keys
-    write_stamp(out, key)
-    return out
+
+    return cached_stage("iso", out, key, build, f"installer for cluster {cluster.name}")
+
+
+def stage_iso(staging: Path, cluster: Cluster, rendered: Path, netboot: Path, image_gz: Path, grub_cfg: str) -> None:
+    """The ISO's tree: the live system, the compressed image, every node's seed by MAC."""
+    for name, target in (("vmlinuz", "vmlinuz"), ("initrd.img", "initrd.img"),
+                         ("root.squashfs", "filesystem.squashfs")):
+        _link(netboot / name, staging / "live" / target)
+    _link(image_gz, staging / "clusterforge" / "image.raw.gz")
+    for node in cluster.nodes:
+        for name in NOCLOUD_FILES:
+            _link(rendered / "nodes" / node.name / name,
+                  staging / "clusterforge" / "seeds" / node.mac_hyphen / name)
+    (staging / "boot" / "grub").mkdir(parents=True)
+    (staging / "boot" / "grub" / "grub.cfg").write_text(grub_cfg)
 
 
 def build_usb(ctx: BuildContext, iso: Path) -> Path:
     """The USB image: the hybrid ISO is a valid disk image; write it to a stick with dd."""
     out = ctx.out / "images" / f"{ctx.name}-usb.img"
-    key = content_hash(input_key(iso, "iso"))
-    if is_fresh(out, key):
-        return out
-    with atomic_path(out) as tmp:
+
+    def build(tmp: Path) -> None:
         shutil.copyfile(iso, tmp)
         tmp.chmod(0o600)
-    write_stamp(out, key)
-    return out
+
+    return cached_stage("usb", out, content_hash(input_key(iso, "iso")), build, out.name)

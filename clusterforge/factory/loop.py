@@ -12,9 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..node.layout import ROOT_PARTITION
 from ..run import run
-
-ROOT_PARTITION = 3  # BIOS boot, ESP, root: see disk.py
 
 
 def partition_extent(raw: Path, number: int) -> tuple[int, int]:

@@ -1,13 +1,14 @@
 """Stage 3: the node image, made by Packer's qemu builder from the base disk.
 
 Packer boots the base disk (which holds no key: the build VM gets a throwaway
-one from a NoCloud seed on an extra CD-ROM), uploads overlays/ and the
-clusterforge package as one tar, runs images/provision/*.sh in order and then
+one from a NoCloud seed on an extra CD-ROM), uploads the payload (overlays/ and the
+node package, see payload.py) as one tar, runs images/provision/*.sh in order and then
 images/reset-identity.sh and shuts the VM down; its disk is then compressed
 (zstd) into the qcow2.
 
-This stage, not the rootfs, carries everything that changes often (the package,
-overlays, provisioning), so editing them costs a Packer run, never mmdebstrap.
+This stage, not the rootfs, carries everything that changes often (node code,
+overlays, provisioning), so editing them costs a Packer run, never mmdebstrap. It is
+keyed on those alone: factory code (this module included) rebuilds nothing.
 Work files and logs live in dist/cache/packer/; only the finished image is
 renamed into dist/images/.
 """
@@ -18,19 +19,18 @@ import json
 import os
 import signal
 import subprocess
-import tarfile
 import threading
 from collections import deque
 from pathlib import Path
 
-import jinja2
-
-from ..fsutil import atomic_path, remove_path
-from ..log import die, human_bytes, info, stage
+from .. import templates
+from ..fsutil import remove_path
+from ..log import die, human_bytes, info
 from ..run import run, which
 from ..seediso import write_seed_iso
 from ..vm import accel as accel_mod
-from .context import BuildContext, MiB, content_hash, drop_stamp, input_key, is_fresh, write_stamp
+from .context import BuildContext, MiB, cached_stage, content_hash, input_key
+from .payload import payload_bytes, write_payload
 
 TEMPLATE = "debian-12.pkr.json.j2"
 PAYLOAD_DEST = "/tmp/clusterforge-payload.tar"
@@ -72,18 +72,14 @@ def reset_script(ctx: BuildContext) -> Path:
     return ctx.root / "images" / "reset-identity.sh"
 
 
-def overlays_dir(ctx: BuildContext) -> Path:
-    return ctx.root / "overlays"
-
-
 def packer_key(ctx: BuildContext) -> str:
+    """The base disk's key (package lists and units), the payload (node code, overlays,
+    provisioning), the template and reset script, and the build VM's size."""
     return content_hash(
         input_key(ctx.base_disk, "disk"),
+        payload_bytes(ctx.root),
         template_path(ctx),
-        provision_dir(ctx),
         reset_script(ctx),
-        overlays_dir(ctx),
-        ctx.package_src,  # this module included
         str(MEMORY_MIB),
     )
 
@@ -92,23 +88,19 @@ def build_qcow2(ctx: BuildContext) -> Path:
     """dist/images/<name>.qcow2, rebuilt only when one of its inputs changed."""
     key = packer_key(ctx)
     out = qcow2_image(ctx)
-    if is_fresh(out, key):
-        info(f"packer: up to date ({out})")
-        return out
-    drop_stamp(out)
-    accel = accel_mod.choose()
-    with stage(f"packer: {out.name} ({accel.name})"), atomic_path(out) as tmp:
+
+    def build(tmp: Path) -> None:
         work = work_dir(ctx)
         remove_path(work)
         work.mkdir(parents=True)
-        built = run_packer(ctx, work, accel, instance=key[:12])
+        built = run_packer(ctx, work, accel_mod.choose(), instance=key[:12])
         compress(built, tmp)
         # The key is throwaway and the image no longer trusts it; don't keep it around.
         for leftover in ("out", "packer_cache", "payload.tar", "build-key", "build-key.pub"):
             remove_path(work / leftover)
-    write_stamp(out, key)
-    info(f"packer: {out} ({human_bytes(out.stat().st_size)})")
-    return out
+        info(f"packer: {human_bytes(tmp.stat().st_size)}")
+
+    return cached_stage("packer", out, key, build, f"{out.name} ({accel_mod.choose().name})")
 
 
 def compress(built: Path, out: Path) -> None:
@@ -123,7 +115,7 @@ def run_packer(ctx: BuildContext, work: Path, accel: accel_mod.Accel, instance: 
     seed = work / "seed.iso"
     write_seed_iso(seed, build_seed(key.with_suffix(".pub").read_text().strip(), instance))
     payload = work / "payload.tar"
-    write_payload(ctx, payload)
+    write_payload(payload, ctx.root)
 
     serial_log = work / "serial.log"
     template = work / "packer.json"
@@ -180,39 +172,8 @@ def build_seed(public_key: str, instance: str) -> dict[str, bytes]:
     }
 
 
-def write_payload(ctx: BuildContext, path: Path) -> None:
-    """One tar for one upload: Packer's directory upload loses modes and symlinks."""
-
-    def keep(entry: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        parts = entry.name.split("/")
-        if "__pycache__" in parts or entry.name.endswith(".pyc"):
-            return None
-        if len(parts) == 3 and parts[0] == "overlays" and parts[2].startswith("README"):
-            return None  # documents the overlay folder; not a file for the image
-        entry.uid = entry.gid = 0
-        entry.uname = entry.gname = "root"
-        return entry
-
-    with tarfile.open(path, "w") as tar:
-        overlays = overlays_dir(ctx)
-        if overlays.is_dir():
-            for folder in sorted(p for p in overlays.iterdir() if p.is_dir()):
-                tar.add(folder, f"overlays/{folder.name}", filter=keep)
-        tar.add(ctx.package_src, "clusterforge", filter=keep)
-
-
 def render_template(ctx: BuildContext, values: dict[str, object]) -> str:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(template_path(ctx).parent)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    env.filters["tojson"] = json.dumps
-    try:
-        text = env.get_template(TEMPLATE).render(**values)
-    except jinja2.TemplateSyntaxError as exc:
-        raise RuntimeError(f"{exc.filename}:{exc.lineno}: {exc.message}") from None
+    text = templates.render(templates.environment([template_path(ctx).parent]), TEMPLATE, **values)
     try:
         json.loads(text)
     except json.JSONDecodeError as exc:

@@ -3,8 +3,9 @@
 A directory (not a tarball) because stage 2 feeds it straight to
 `mkfs.ext4 -d`, and customizing it needs no unpacking. Only the system goes in
 here (packages, units, boot and cloud-init config), so the stage is keyed on the
-package lists, the unit list and this module alone: the clusterforge package and
-overlays/ are laid in by the Packer stage, and editing them never reruns mmdebstrap. The host's apt cache is
+package lists, the unit list and this module's settings alone (never its code: RECIPE
+says when what it writes changed): the node package and overlays/ are laid in by the
+Packer stage, and editing them never reruns mmdebstrap. The host's apt cache is
 hard-linked in before mmdebstrap runs and newly fetched .debs are linked back
 afterwards, so a second build downloads only the package indexes.
 """
@@ -13,35 +14,15 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import re
 import shutil
 from pathlib import Path
 
-from ..fsutil import atomic_path
-from ..log import die, human_bytes, info, stage
-from ..packages import read_list
+from ..log import human_bytes, info
+from ..packages import packages_of, unit_patterns
 from ..run import run
-from .context import BuildContext, content_hash, drop_stamp, is_fresh, write_stamp
+from .context import BuildContext, cached_stage, content_hash
 
-_PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
-
-# Packages enable these at install time; with stock settings they would start
-# etcd, SLURM, munge and Ceph on every boot. The agent starts each once configured.
-# images/disabled-units.txt (shared with the Ubuntu autoinstall) is added to these.
-DISABLE = [
-    "etcd.service",
-    "slurm*.service",
-    "munge.service",
-    "ceph*.target",
-    "ceph*.service",
-    "rbdmap.service",
-    "keepalived.service",
-    "dnsmasq*.service",
-    # ceph-osd pulls in smartmontools for smartctl; smartd fails on virtual disks.
-    "smartmontools.service",
-    # Nodes have no route to a Debian mirror; don't wake up to fail at it.
-    "apt-daily*.timer",
-]
+RECIPE = 2  # bump when customize() changes what it writes into the tree
 ENABLE = [
     "systemd-networkd.service",
     "systemd-resolved.service",
@@ -115,26 +96,8 @@ DPKG_EXCLUDES = [
 ]
 
 
-def read_package_list(path: Path) -> list[str]:
-    if not path.exists():
-        die(f"package list not found: {path}", hint="package sets live in images/packages/")
-    names = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        name = line.split("#", 1)[0].strip()
-        if not name:
-            continue
-        if not _PACKAGE_NAME.match(name):
-            die(f"{path}:{number}: not a Debian package name: {name!r}", hint="one per line")
-        names.append(name)
-    return names
-
-
 def packages(ctx: BuildContext) -> list[str]:
-    seen: dict[str, None] = {}
-    for package_set in ctx.package_sets:
-        for name in read_package_list(ctx.packages_dir / f"{package_set}.txt"):
-            seen.setdefault(name, None)
-    return list(seen)
+    return packages_of(ctx.package_sets)
 
 
 def sources(ctx: BuildContext) -> list[str]:
@@ -149,8 +112,9 @@ def rootfs_key(ctx: BuildContext) -> str:
     # The lists' items, not their files: editing a comment rebuilds nothing.
     return content_hash(
         "\n".join(packages(ctx)),
-        "\n".join(read_list(disabled_units_file(ctx))),
-        Path(__file__),
+        "\n".join(unit_patterns()),
+        "\n".join(ENABLE + DPKG_EXCLUDES),
+        SSH_KEYGEN_UNIT, FALLBACK_NETWORK, CLOUD_CFG, HOSTS, str(RECIPE),
         ctx.suite,
         *sources(ctx),
         ctx.kernel_cmdline,
@@ -160,22 +124,16 @@ def rootfs_key(ctx: BuildContext) -> str:
 
 
 def build_rootfs(ctx: BuildContext) -> Path:
-    key = rootfs_key(ctx)
-    out = ctx.rootfs_dir
-    if is_fresh(out, key):
-        info(f"rootfs: up to date ({out})")
-        return out
-    drop_stamp(out)
-    with stage(f"rootfs: mmdebstrap {ctx.suite}"), atomic_path(out) as tmp:
+    def build(tmp: Path) -> None:
         seeded = seed_apt_cache(ctx.apt_cache, tmp)
         try:
             mmdebstrap(ctx, tmp)
         finally:
             harvest_apt_cache(tmp, ctx.apt_cache, seeded)
         customize(ctx, tmp)
-    write_stamp(out, key)
-    info(f"rootfs: {human_bytes(tree_size(out))} in {out}")
-    return out
+        info(f"rootfs: {human_bytes(tree_size(tmp))}")
+
+    return cached_stage("rootfs", ctx.rootfs_dir, rootfs_key(ctx), build, f"mmdebstrap {ctx.suite}")
 
 
 def mmdebstrap(ctx: BuildContext, target: Path) -> None:
@@ -267,12 +225,8 @@ def customize(ctx: BuildContext, root: Path) -> None:
     write_boot_config(ctx, root)
 
 
-def disabled_units_file(ctx: BuildContext) -> Path:
-    return ctx.root / "images" / "disabled-units.txt"
-
-
 def set_units(ctx: BuildContext, root: Path) -> None:
-    patterns = DISABLE + read_list(disabled_units_file(ctx))
+    patterns = unit_patterns()
     enabled = enabled_units(root)
     to_disable = [u for u in enabled if any(fnmatch.fnmatch(u, p) for p in patterns)]
     if to_disable:

@@ -8,34 +8,29 @@ checked with `packer validate` in tests, the build itself is not run there.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-import jinja2
-
+from .. import templates
 from ..fsutil import atomic_path
+from ..inventory import OS, Service, image_name
 from ..log import die, stage
-from ..packages import disabled_units, package_set
+from ..packages import AGENT_SET, disable_units_command, packages_of, unit_patterns
 from ..run import run, which
 from ..vm import accel as accel_mod
 from .context import BuildContext
-from .packer import PAYLOAD_DEST, provision_dir, reset_script, stream, write_payload
+from .packer import PAYLOAD_DEST, provision_dir, reset_script, stream
+from .payload import write_payload
 
 TEMPLATE = "ubuntu-24.04.pkr.json.j2"
 AUTOINSTALL = "ubuntu-autoinstall.yaml.j2"
-NAME = "clusterforge-ubuntu-24.04"
+NAME = image_name(OS.UBUNTU_2404)
 DISK_MIB = 8192
 MEMORY_MIB = 4096  # subiquity wants more than the Debian build's 2 GiB
-SERVICES = ("etcd", "ceph", "slurm", "wireguard")
 
 
 def _render(name: str, values: dict[str, object], root: Path) -> str:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(root / "images")),
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                             trim_blocks=True, lstrip_blocks=True, autoescape=False)
-    env.filters["tojson"] = json.dumps
-    return env.get_template(name).render(**values)
+    return templates.render(templates.environment([root / "images"]), name, **values)
 
 
 def _check_iso(iso: Path) -> None:
@@ -53,13 +48,14 @@ def prepare(ctx: BuildContext, iso: Path, work: Path, accel: accel_mod.Accel) ->
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "clusterforge-build", "-f", key])
     http = work / "http"
     http.mkdir(exist_ok=True)
-    packages = ["chrony", "python3-yaml", "jq", "zstd"] + [p for s in SERVICES for p in package_set(s)]
+    # The same sets as the Debian image, but its OS base: Ubuntu's installer brings that.
+    packages = packages_of((AGENT_SET, *(str(s) for s in Service), "ubuntu-24.04"))
     (http / "user-data").write_text(_render(AUTOINSTALL, {
-        "packages": packages, "disabled_units": disabled_units(),
+        "packages": packages, "disable_units": disable_units_command(unit_patterns()),
         "build_key": key.with_suffix(".pub").read_text().strip()}, ctx.root))
     (http / "meta-data").write_text("instance-id: clusterforge-ubuntu-build\n")
     payload = work / "payload.tar"
-    write_payload(ctx, payload)
+    write_payload(payload, ctx.root)
     template = work / "packer.json"
     template.write_text(_render(TEMPLATE, {
         "vm_name": f"{NAME}.qcow2", "output_dir": str(work / "out"), "iso": str(iso.resolve()),

@@ -16,7 +16,6 @@ import json
 import os
 import stat
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,12 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from ..log import UserError
+from ..run import CommandError, run
+from . import seed as seedlib
+from .layout import NOCLOUD_SEED_DIR, ROOT_PARTITION
+from .seed import NOCLOUD_FILES
+
 MEDIUM = Path("/run/live/medium")  # where live-boot mounts the ISO or USB stick
-SEED_FILES = ("user-data", "meta-data", "network-config")
-SEED_DIR = "var/lib/cloud/seed/nocloud"
 MIN_DISK = 4 * 1024**3
 CHUNK = 4 * 1024**2
-ROOT_PARTITION = 3
 
 
 class InstallError(Exception):
@@ -83,7 +85,7 @@ def read_seed(location: str) -> dict[str, bytes] | None:
     """The seed files in a directory or under a URL; None if it has none."""
     try:
         files = {}
-        for name in SEED_FILES:
+        for name in NOCLOUD_FILES:
             with _open(f"{location.rstrip('/')}/{name}") as f:
                 files[name] = f.read()
         return files
@@ -111,11 +113,10 @@ def node_info(user_data: bytes) -> NodeInfo:
     """Who the seed is for, from the cluster facts it carries."""
     import yaml  # python3-yaml is in the image
 
+    conf = seedlib.CONFIG_DIR
     files = {f["path"]: f.get("content", "") for f in yaml.safe_load(user_data).get("write_files", [])}
-    identity = json.loads(files["/etc/clusterforge/identity.json"])
-    facts = json.loads(files["/etc/clusterforge/cluster.json"])
-    disks: list[str] = next((n["disks"] for n in facts["nodes"] if n["name"] == identity["node"]), [])
-    return NodeInfo(identity["cluster"], identity["node"], list(disks))
+    seed = seedlib.parse(files[f"{conf}/{seedlib.CLUSTER_JSON}"], files[f"{conf}/{seedlib.IDENTITY_JSON}"])
+    return NodeInfo(seed.cluster.name, seed.me.name, [d.path for d in seed.me.disks])
 
 
 def copy_image(source: str, target: str) -> int:
@@ -166,8 +167,7 @@ class Disk:
 
 
 def list_disks() -> list[Disk]:
-    out = subprocess.run(["lsblk", "--json", "--bytes", "--nodeps", "-o", "PATH,SIZE,RM,RO,TYPE,TRAN"],
-                         check=True, capture_output=True, text=True).stdout
+    out = run(["lsblk", "--json", "--bytes", "--nodeps", "-o", "PATH,SIZE,RM,RO,TYPE,TRAN"]).stdout
     disks = []
     for d in json.loads(out)["blockdevices"]:
         if d["type"] == "disk":
@@ -177,11 +177,11 @@ def list_disks() -> list[Disk]:
 
 def boot_device() -> str | None:
     """The whole disk the live system was booted from (the ISO's CD or the USB stick)."""
-    proc = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(MEDIUM)], capture_output=True, text=True)
+    proc = run(["findmnt", "-n", "-o", "SOURCE", str(MEDIUM)], check=False)
     source = proc.stdout.strip()
     if not source:
         return None
-    parent = subprocess.run(["lsblk", "-n", "-d", "-o", "PKNAME", source], capture_output=True, text=True)
+    parent = run(["lsblk", "-n", "-d", "-o", "PKNAME", source], check=False)
     name = parent.stdout.strip()
     return f"/dev/{name}" if name else source
 
@@ -205,11 +205,11 @@ def choose_target(disks: list[Disk], boot: str | None, reserved: list[str], imag
 @contextmanager
 def mounted(device: str) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="cf-target-") as mountpoint:
-        subprocess.run(["mount", device, mountpoint], check=True)
+        run(["mount", device, mountpoint])
         try:
             yield Path(mountpoint)
         finally:
-            subprocess.run(["umount", mountpoint], check=True)
+            run(["umount", mountpoint])
 
 
 def partition_path(disk: str, number: int) -> str:
@@ -220,17 +220,17 @@ def partition_path(disk: str, number: int) -> str:
 def install_seed(disk: str, files: dict[str, bytes]) -> None:
     # The image's backup GPT sits where the image ended, not at the end of this (larger) disk:
     # move it there, as firmware and partitioning tools expect.
-    subprocess.run(["sgdisk", "--move-second-header", disk], check=True, capture_output=True)
-    subprocess.run(["partprobe", disk], check=False)
-    subprocess.run(["udevadm", "settle"], check=False)
+    run(["sgdisk", "--move-second-header", disk])
+    run(["partprobe", disk], check=False)
+    run(["udevadm", "settle"], check=False)
     with mounted(partition_path(disk, ROOT_PARTITION)) as root:
-        seed = root / SEED_DIR
+        seed = root / NOCLOUD_SEED_DIR
         seed.mkdir(parents=True, exist_ok=True)
         os.chmod(seed, 0o700)
-        for name in SEED_FILES:
+        for name in NOCLOUD_FILES:
             (seed / name).write_bytes(files[name])
             os.chmod(seed / name, 0o600)
-    subprocess.run(["sync"], check=True)
+    run(["sync"])
 
 
 # ------------------------------------------------------------------ main
@@ -272,14 +272,14 @@ def main() -> int:
         return 0
     try:
         install(args)
-    except InstallError as exc:
+    except (InstallError, CommandError, UserError, seedlib.SeedError) as exc:
         say(f"ERROR: {exc}")
         issue = Path("/etc/issue.d")
         issue.mkdir(exist_ok=True)
         (issue / "clusterforge.issue").write_text(f"\nclusterforge installer: {exc}\n\n")
         return 1
     if args.get("reboot", "yes") != "no":
-        subprocess.run(["systemctl", "reboot"], check=False)
+        run(["systemctl", "reboot"], check=False)
     return 0
 
 

@@ -5,12 +5,18 @@ Layout served (the same URLs the rendered iPXE scripts use):
     /images/...           dist/images/ (netboot/, the compressed image)
     /discover?mac=..      an unknown machine reporting itself (from menu.ipxe)
     /installed/<mac>      the installer reporting success: that node now boots from its disk
+
+A node's seed holds its private keys, so it is served only while the node is due to
+install (until its install report; `pxe.reinstall` opens it again), or always to a
+diskless node, which fetches it on every boot; in dhcp mode only to the node's own
+address. Nothing else of a node's folder is served.
 """
 
 from __future__ import annotations
 
 import http.server
 import json
+import re
 import sys
 import threading
 import urllib.parse
@@ -18,7 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..fsutil import write_atomic
-from ..inventory import Cluster
+from ..inventory import BootMode, Cluster
+from ..log import die
+from ..node.seed import NOCLOUD_FILES
 from .discovery import Discoveries
 
 # An installed node's script. UEFI: localboot.efi starts the loader on the node's own
@@ -32,17 +40,27 @@ iseq ${platform} efi && chain --autofree ${base}/images/netboot/localboot.efi ||
 exit
 """
 CHUNK = 1024 * 1024
+MAX_QUERY = 1024  # a discovery report is a few hundred bytes
+_MAC_HYPHEN = re.compile(r"[0-9a-f]{2}(?:-[0-9a-f]{2}){5}")
 
 
 class Installed:
     """MACs whose install finished; their iPXE script becomes 'boot from disk'."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, state: Path):
+        self.path = state / "pxe-installed.json"
         self._lock = threading.Lock()
 
     def all(self) -> set[str]:
-        return set(json.loads(self.path.read_text())) if self.path.exists() else set()
+        try:
+            data = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return set()
+        except (OSError, ValueError) as exc:
+            die(f"{self.path}: unreadable ({type(exc).__name__})", hint=_REPAIR)
+        if not isinstance(data, list) or not all(isinstance(m, str) and _MAC_HYPHEN.fullmatch(m) for m in data):
+            die(f"{self.path}: not a list of MACs (aa-bb-cc-dd-ee-ff)", hint=_REPAIR)
+        return set(data)
 
     def add(self, mac_hyphen: str) -> None:
         with self._lock:
@@ -53,11 +71,25 @@ class Installed:
             write_atomic(self.path, json.dumps(sorted(self.all() - {mac_hyphen})) + "\n")
 
 
+_REPAIR = ("it lists the nodes installed over PXE (which then boot their disks); fix it, or delete it and "
+           "every node installs again on its next network boot")
+
+
 def make_handler(cluster: Cluster, rendered: Path, images: Path, discoveries: Discoveries,
-                 installed: Installed, log: Callable[[str], None]) -> type[http.server.BaseHTTPRequestHandler]:
+                 installed: Installed, log: Callable[[str], None],
+                 seeds_by_address: bool = True) -> type[http.server.BaseHTTPRequestHandler]:
     names = {str(n.ip): n.name for n in cluster.nodes}
     macs = {n.mac_hyphen: n.name for n in cluster.nodes}
+    nodes = {n.name: n for n in cluster.nodes}
     roots = {cluster.name: rendered, "images": images}
+
+    def seed_allowed(node_name: str, file: str, client: str) -> bool:
+        node = nodes.get(node_name)
+        if node is None or file not in NOCLOUD_FILES:
+            return False
+        if seeds_by_address and client != str(node.ip):
+            return False
+        return node.boot == BootMode.DISKLESS or node.mac_hyphen not in installed.all()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -77,11 +109,18 @@ def make_handler(cluster: Cluster, rendered: Path, images: Path, discoveries: Di
             url = urllib.parse.urlsplit(self.path)
             parts = [p for p in url.path.split("/") if p]
             if parts[:1] == ["discover"]:
+                if len(url.query) > MAX_QUERY:
+                    return self.reply(414, b"report too long\n", "text/plain", head)
                 # iPXE's uristring escapes no "+", so it means itself, not a space.
                 query = url.query.replace("+", "%2B")
-                report = {k: v[0] for k, v in urllib.parse.parse_qs(query).items()}
+                try:
+                    report = {k: v[0] for k, v in urllib.parse.parse_qs(query, max_num_fields=16).items()}
+                except ValueError:
+                    return self.reply(400, b"too many fields\n", "text/plain", head)
                 mac = discoveries.record(report)
-                log(f"{self.who()}: unknown machine {mac or '?'} reported itself ({report.get('platform', '?')})")
+                if mac is None:
+                    return self.reply(400, b"no valid mac\n", "text/plain", head)
+                log(f"{self.who()}: unknown machine {mac} reported itself")
                 return self.reply(200, b"#!ipxe\n", "text/plain", head)
             if parts[:1] == ["installed"] and len(parts) == 2 and parts[1] in macs:
                 installed.add(parts[1])
@@ -97,6 +136,9 @@ def make_handler(cluster: Cluster, rendered: Path, images: Path, discoveries: Di
 
         def resolve(self, parts: list[str]) -> Path | None:
             if not parts or parts[0] not in roots or any(p in ("..", ".") for p in parts):
+                return None
+            if parts[0] == cluster.name and parts[1:2] == ["nodes"] and (
+                    len(parts) != 4 or not seed_allowed(parts[2], parts[3], self.client_address[0])):
                 return None
             path = roots[parts[0]].joinpath(*parts[1:])
             return path if path.is_file() else None

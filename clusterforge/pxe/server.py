@@ -7,6 +7,7 @@ Runs in the foreground, logging who booted what; Ctrl-C (or SIGTERM) stops every
 from __future__ import annotations
 
 import json
+import queue
 import random
 import signal
 import socket
@@ -14,6 +15,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 from pathlib import Path
@@ -21,15 +23,18 @@ from types import FrameType
 
 from ..inventory import HTTP_PORT, Cluster
 from ..log import die, info
-from ..render import IMAGE_NAME, Site, dnsmasq_conf, render
+from ..paths import Paths
+from ..render import Site, dnsmasq_conf, render
 from ..run import run, spawn
 from .discovery import Discoveries
 from .http import HttpServer, Installed, make_handler
 
 IPXE_DIR = Path("/usr/lib/ipxe")
 IPXE_FILES = ("undionly.kpxe", "ipxe.efi")
-NETBOOT_FILES = ("netboot/vmlinuz", "netboot/initrd.img", "netboot/root.squashfs", "netboot/localboot.efi",
-                 f"{IMAGE_NAME}.raw.gz")
+NETBOOT_FILES = ("netboot/vmlinuz", "netboot/initrd.img", "netboot/root.squashfs", "netboot/localboot.efi")
+# dnsmasq logs this once its DHCP sockets are bound and TFTP is set up: it is serving.
+DNSMASQ_READY = "TFTP root is"
+DNSMASQ_START_SECONDS = 30.0
 # How long to listen for another DHCP server's offer. Servers check that an address is
 # free before offering it (dnsmasq pings it for 3 s, ISC dhcpd for 1 s), so the probe,
 # like a real client, listens longer than that and repeats its DHCPDISCOVER.
@@ -57,8 +62,8 @@ def interface_address(interface: str, cluster: Cluster) -> IPv4Address:
              f"dev {interface}")
 
 
-def check_artifacts(images: Path) -> None:
-    missing = [name for name in NETBOOT_FILES if not (images / name).exists()]
+def check_artifacts(images: Path, image_name: str) -> None:
+    missing = [name for name in (*NETBOOT_FILES, f"{image_name}.raw.gz") if not (images / name).exists()]
     if missing:
         die(f"netboot artifacts missing in {images}: {', '.join(missing)}", hint="build them with: ./forge netboot")
     missing = [name for name in IPXE_FILES if not (IPXE_DIR / name).exists()]
@@ -99,31 +104,38 @@ class PxeServer:
     cluster: Cluster
     interface: str
     mode: str
-    dist: Path
-    state: Path
-    runs: Path
+    paths: Paths
 
     def serve(self) -> None:
         if self.mode not in ("dhcp", "proxy"):
             die(f"--mode must be dhcp or proxy, not '{self.mode}'")
         address = interface_address(self.interface, self.cluster)
-        images = self.dist / "images"
-        check_artifacts(images)
+        images = self.paths.images
+        check_artifacts(images, self.cluster.image_name)
+        state = self.paths.cluster_state(self.cluster.name)
+        installed = Installed(state)
+        installed.all()  # refuses a damaged file before anything starts
+        discoveries = Discoveries(state, self.cluster)
+        discoveries.load()
         if self.mode == "dhcp":
             other = other_dhcp_server(self.interface)
             if other:
                 die(f"another DHCP server ({other}) answers on {self.interface}",
                     hint="use --mode proxy beside an existing DHCP server")
         site = Site(address, HTTP_PORT)
-        rendered = render(self.cluster, self.dist, self.state, site)
-        rundir = self.runs / f"pxe-{self.cluster.name}"
+        rendered = render(self.cluster, self.paths.out, self.paths.state, site).path
+        rundir = self.paths.runs / f"pxe-{self.cluster.name}"
         rundir.mkdir(parents=True, exist_ok=True)
         conf = rundir / "dnsmasq.conf"
         conf.write_text(dnsmasq_conf(self.cluster, site, self.mode))
 
-        handler = make_handler(self.cluster, rendered, images, Discoveries(self.state, self.cluster),
-                               Installed(self.state / self.cluster.name / "pxe-installed.json"), info)
-        http = HttpServer((str(address), site.port), handler)
+        handler = make_handler(self.cluster, rendered, images, discoveries, installed, info,
+                               seeds_by_address=self.mode == "dhcp")
+        try:
+            http = HttpServer((str(address), site.port), handler)
+        except OSError as exc:
+            die(f"cannot serve HTTP on {address}:{site.port}: {exc.strerror}",
+                hint="is another PXE server (or anything else) listening there?")
         http_thread = threading.Thread(target=http.serve_forever, daemon=True)
         dnsmasq: subprocess.Popen[bytes] | None = None
         previous = signal.signal(signal.SIGTERM, _interrupt)
@@ -134,16 +146,19 @@ class PxeServer:
                              f"--tftp-root={IPXE_DIR}", f"--dhcp-leasefile={rundir / 'leases'}",
                              f"--pid-file={rundir / 'dnsmasq.pid'}", "--user=root", "--group=root"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            lines = _lines(dnsmasq)
+            _wait_ready(dnsmasq, lines, conf)
             info(f"serving cluster {self.cluster.name} on {self.interface} ({address}), {self.mode} mode: "
                  f"TFTP {IPXE_DIR}, HTTP {site.base_url}/ ; Ctrl-C stops")
-            assert dnsmasq.stderr is not None
-            for raw in dnsmasq.stderr:
-                line = raw.decode(errors="replace").rstrip()
+            tail: deque[str] = deque(maxlen=10)
+            while (line := lines.get()) is not None:
+                tail.append(line)
                 if any(word in line for word in INTERESTING):
                     info(f"dnsmasq: {line.split(': ', 1)[-1]}")
             code = dnsmasq.wait()
             if code != 0:
-                die(f"dnsmasq exited with status {code}", hint=f"its configuration: {conf}")
+                die(f"dnsmasq exited with status {code}:\n  " + "\n  ".join(tail),
+                    hint=f"its configuration: {conf}")
         except KeyboardInterrupt:
             info("stopping")
         finally:
@@ -157,6 +172,43 @@ class PxeServer:
                     dnsmasq.wait()
             http.shutdown()
             http.server_close()
+
+
+def _lines(proc: subprocess.Popen[bytes]) -> queue.Queue[str | None]:
+    """dnsmasq's log lines as they come (None at its end), read by a thread so that waiting
+    for one can time out."""
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            text = raw.decode(errors="replace").strip()
+            if text:
+                lines.put(text)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    return lines
+
+
+def _wait_ready(dnsmasq: subprocess.Popen[bytes], lines: queue.Queue[str | None], conf: Path) -> None:
+    """Until dnsmasq says it serves; if it exits first, its own words are the error."""
+    said: list[str] = []
+    deadline = time.monotonic() + DNSMASQ_START_SECONDS
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
+            code = dnsmasq.wait()
+            die(f"dnsmasq exited with status {code}:\n  " + "\n  ".join(said[-10:] or ["(it printed nothing)"]),
+                hint=f"its configuration: {conf}")
+        said.append(line)
+        if DNSMASQ_READY in line:
+            return
+    die(f"dnsmasq did not start serving within {DNSMASQ_START_SECONDS:.0f}s:\n  " + "\n  ".join(said[-10:]),
+        hint=f"its configuration: {conf}")
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

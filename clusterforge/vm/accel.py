@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..log import debug
-from ..run import which
+from ..run import spawn
 
 PROBE_SECONDS = 6.0
 
@@ -62,11 +62,10 @@ def _boot_id() -> str:
 def kvm_works() -> bool:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
-    qemu = which("qemu-system-x86_64")
     with tempfile.TemporaryDirectory(prefix="cf-kvm-probe-") as tmp:
         log = Path(tmp) / "debugcon.log"
-        proc = subprocess.Popen(
-            [qemu, *KVM.args, "-m", "64", "-nodefaults", "-display", "none", "-no-reboot",
+        proc = spawn(
+            ["qemu-system-x86_64", *KVM.args, "-m", "64", "-nodefaults", "-display", "none", "-no-reboot",
              "-chardev", f"file,id=dbg,path={log}", "-device", "isa-debugcon,iobase=0x402,chardev=dbg"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

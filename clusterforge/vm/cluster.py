@@ -13,14 +13,14 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..inventory import BootMode, Cluster, Node
+from ..inventory import BootMode, Cluster, Disk, Node
 from ..log import die, info
+from ..paths import REPO, Paths
 from ..run import run, spawn
 from ..ssh import Target
 from .accel import Accel, choose
@@ -47,14 +47,21 @@ def size_for(nodes: int, accel: Accel) -> Sizing:
     return Sizing(memory, cpus)
 
 
+def data_disk(node_dir: Path, index: int, disk: Disk) -> Drive:
+    """A data disk as the inventory names it: /dev/vdb-style names come from the order, and
+    a /dev/disk/by-id/virtio-SERIAL path from the disk's serial number, as on metal."""
+    serial = disk.path.rsplit("/", 1)[-1].removeprefix("virtio-")[:20] if "/by-id/" in disk.path else f"data{index}"
+    return Drive(node_dir / f"data-{index}.qcow2", serial=serial)
+
+
 class ClusterVMs:
-    def __init__(self, cluster: Cluster, image: Path, seeds: Path, state: Path, runs: Path,
-                 boot: str = "disk"):
+    def __init__(self, cluster: Cluster, image: Path, paths: Paths, boot: str = "disk"):
         self.cluster = cluster
         self.image = image
-        self.seeds = seeds  # the rendered <out>/<cluster>/ directory
-        self.ssh_key = state / cluster.name / "ssh" / "id_ed25519"
-        self.dir = runs / cluster.name
+        self.paths = paths
+        self.seeds = paths.rendered(cluster.name)
+        self.ssh_key = paths.cluster_state(cluster.name) / "ssh" / "id_ed25519"
+        self.dir = paths.cluster_runs(cluster.name)
         self.boot = boot
         self.net = ClusterNet(cluster.name, cluster.network.subnet, cluster.network.gateway)
         self._accel: Accel | None = None
@@ -74,7 +81,7 @@ class ClusterVMs:
         drives = []
         if not (self.boot == "pxe" and node.boot == BootMode.DISKLESS):
             drives.append(Drive(node_dir / "root.qcow2", bootindex=1 if self.boot == "disk" else 2))
-        drives += [Drive(node_dir / f"data-{Path(d).name}.qcow2") for d in node.disks]
+        drives += [data_disk(node_dir, i, d) for i, d in enumerate(node.disks)]
         if self.boot == "disk":  # over PXE the seed comes from the server
             drives.append(Drive(self.seeds / "nodes" / node.name / "seed.iso", format="raw", media="cdrom"))
         nic = Nic(node.mac, self.net.netdev(node.name), bootindex=1 if self.boot == "pxe" else None)
@@ -108,8 +115,8 @@ class ClusterVMs:
                  str(root)])
         elif not root.exists():  # PXE installs onto an empty disk
             run(["qemu-img", "create", "-q", "-f", "qcow2", str(root), ROOT_DISK_SIZE])
-        for disk in node.disks:
-            data = node_dir / f"data-{Path(disk).name}.qcow2"
+        for i, disk in enumerate(node.disks):
+            data = data_disk(node_dir, i, disk).path
             if not data.exists():
                 run(["qemu-img", "create", "-q", "-f", "qcow2", str(data), DATA_DISK_SIZE])
 
@@ -118,7 +125,10 @@ class ClusterVMs:
     def up(self, names: Iterable[str] | None = None, timeout: float = BOOT_TIMEOUT) -> dict[str, dict[str, float]]:
         """Start the nodes that are not running and wait until each answers SSH with its seed applied."""
         if not self.image.exists():
-            die(f"image not found: {self.image}", hint="build it with ./forge image")
+            die(f"image not found: {self.image}", hint="build it with ./forge image"
+                + (f" --os {self.cluster.os} --iso PATH" if self.cluster.os != "debian-12" else ""))
+        if not self.seeds.is_dir():
+            die(f"no rendered seeds in {self.seeds}", hint="./forge render (with the same --out)")
         nodes = self.nodes(names)
         self.net.create([n.name for n in self.cluster.nodes])
         if self.boot == "pxe":
@@ -227,10 +237,10 @@ class ClusterVMs:
         self.dir.mkdir(parents=True, exist_ok=True)
         log = self.dir / "pxe-server.log"
         with open(log, "a") as out:
-            proc = spawn(["ip", "netns", "exec", self.net.netns, sys.executable, "-m", "clusterforge.pxe",
-                          "--inventory", str(self.cluster.source), "--interface", self.net.bridge,
-                          "--dist", str(self.seeds.parent), "--state", str(self.ssh_key.parents[2]),
-                          "--runs", str(self.dir)], stdout=out, stderr=subprocess.STDOUT,
+            proc = spawn(["ip", "netns", "exec", self.net.netns, REPO / "forge", "pxe.serve",
+                          "--inventory", str(self.cluster.source.resolve()), "--interface", self.net.bridge,
+                          "--out", str(self.paths.out), "--state", str(self.paths.state),
+                          "--runs", str(self.paths.runs)], stdout=out, stderr=subprocess.STDOUT,
                          start_new_session=True)
         self.pxe_pidfile.write_text(f"{proc.pid}\n")
         deadline = time.monotonic() + 60

@@ -22,8 +22,9 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from ..run import which
+from ..run import spawn, which
 from . import accel as accel_mod
+from .guest import GuestAgent, device_args
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
@@ -43,6 +44,7 @@ class Drive:
     media: str = "disk"  # disk | cdrom | usb
     readonly: bool = False
     bootindex: int | None = None
+    serial: str = ""  # shows as /dev/disk/by-id/virtio-<serial> in the guest
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class Machine:
         self.qmp_log = self.dir / "qmp.log"
         self.console_socket = self.dir / "console.sock"
         self.qmp_socket = self.dir / "qmp.sock"
+        self.guest_socket = self.dir / "qga.sock"
         self.pidfile = self.dir / "qemu.pid"
         if len(bytes(self.console_socket)) >= UNIX_PATH_MAX:
             raise MachineError(f"{self.console_socket}: a UNIX socket path must be shorter than "
@@ -110,7 +113,7 @@ class Machine:
                 "-chardev", f"socket,id=con,path={self.console_socket},server=on,wait=off,"
                             f"logfile={self.console_log},logappend=on",
                 "-serial", "chardev:con",
-                "-device", "virtio-rng-pci"]
+                "-device", "virtio-rng-pci", *device_args(self.guest_socket)]
         if s.firmware == "bios":
             # SeaBIOS (and the iPXE ROM it runs) mirror their screen to COM1: the firmware and
             # network boot show in the console log. The port is read as a little-endian integer.
@@ -129,6 +132,7 @@ class Machine:
             argv += ["-drive", f"if=none,id=drive{i},file={d.path},format={d.format}"
                                + (",readonly=on" if d.readonly or d.media == "cdrom" else "")]
             boot = f",bootindex={d.bootindex}" if d.bootindex is not None else ""
+            boot += f",serial={d.serial}" if d.serial else ""
             device = {"disk": "virtio-blk-pci", "cdrom": "ide-cd", "usb": "usb-storage,bus=xhci.0"}[d.media]
             argv += ["-device", f"{device},drive=drive{i}{boot}"]
         for i, n in enumerate(s.nics):
@@ -146,14 +150,14 @@ class Machine:
 
     def start(self) -> Machine:
         self.dir.mkdir(parents=True, exist_ok=True)
-        for stale in (self.qmp_socket, self.console_socket, self.pidfile):
+        for stale in (self.qmp_socket, self.console_socket, self.guest_socket, self.pidfile):
             stale.unlink(missing_ok=True)
         argv = self.argv()
         (self.dir / "qemu.cmdline").write_text(shlex.join(argv) + "\n")
         self._console_offset = self.console_log.stat().st_size if self.console_log.exists() else 0
         with open(self.qemu_log, "ab") as log:
-            self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+            self._proc = spawn(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
         self.timeline = Timeline()
         self._connect(timeout=30)
         self.timeline.mark("qemu")
@@ -279,6 +283,11 @@ class Machine:
             if event.get("event") == name:
                 return event
         raise self.error(f"QMP event {name} not seen within {timeout:.0f}s")
+
+    @property
+    def guest(self) -> GuestAgent:
+        """The machine's guest agent: commands inside it even when its network is cut."""
+        return GuestAgent(self.guest_socket)
 
     def set_link(self, up: bool) -> None:
         for i in range(len(self.spec.nics)):

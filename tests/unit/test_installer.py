@@ -48,7 +48,7 @@ def test_target_skips_small_disks() -> None:
 def test_seed_found_by_mac_and_node_info(rendered: Path, tmp_path: Path) -> None:
     seeds = tmp_path / "seeds"
     (seeds / "52-54-00-00-00-12").mkdir(parents=True)
-    for name in installer.SEED_FILES:
+    for name in installer.NOCLOUD_FILES:
         (seeds / "52-54-00-00-00-12" / name).write_bytes((rendered / "nodes/s2" / name).read_bytes())
     found = installer.find_seed(["52:54:00:aa:aa:aa", "52:54:00:00:00:12"], str(seeds))
     assert found is not None

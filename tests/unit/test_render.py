@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import gzip
+import io
 import json
 import os
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import jsonschema
@@ -15,14 +19,14 @@ import yaml
 from clusterforge import inventory, render, seediso
 from clusterforge.render import Site, TemplateError, dnsmasq_conf
 
-from .conftest import DATA
+from .conftest import DATA, EXAMPLE, write_inventory
 
 GOLDEN = DATA / "golden" / "lab"
 # Ubuntu's autoinstall schema, kept beside the repository in shared/reference/.
 SCHEMA = Path(__file__).resolve().parents[3] / "shared" / "reference" / "autoinstall-schema.json"
 TEXT_FILES = ["inventory.json", "pxe/boot.ipxe", "pxe/menu.ipxe", "pxe/dnsmasq.conf",
               "pxe/mac/52-54-00-00-00-11.ipxe"] + [
-    f"nodes/s1/{name}" for name in ("user-data", "meta-data", "network-config", "autoinstall.yaml")]
+    f"nodes/s1/{name}" for name in ("user-data", "meta-data", "network-config")]
 
 
 def tree(root: Path) -> dict[str, bytes]:
@@ -34,7 +38,7 @@ def test_layout(rendered: Path) -> None:
     for mac in ("11", "12", "13"):
         expected.add(f"pxe/mac/52-54-00-00-00-{mac}.ipxe")
     for node in ("s1", "s2", "s3"):
-        for name in ("user-data", "meta-data", "network-config", "seed.iso", "autoinstall.yaml"):
+        for name in ("user-data", "meta-data", "network-config", "seed.iso"):
             expected.add(f"nodes/{node}/{name}")
     assert set(tree(rendered)) == expected
 
@@ -52,9 +56,9 @@ def test_golden(rendered: Path, name: str) -> None:
 
 def test_render_twice_is_byte_identical(example: inventory.Cluster, state: Path,
                                         tmp_path: Path) -> None:
-    first = tree(render.render(example, tmp_path / "a", state))
-    second = tree(render.render(example, tmp_path / "b", state))
-    again = tree(render.render(example, tmp_path / "a", state))
+    first = tree(render.render(example, tmp_path / "a", state).path)
+    second = tree(render.render(example, tmp_path / "b", state).path)
+    again = tree(render.render(example, tmp_path / "a", state).path)
     assert first == second == again
 
 
@@ -81,16 +85,16 @@ def test_user_data_content(rendered: Path, example: inventory.Cluster) -> None:
     files = {f["path"]: f for f in data["write_files"]}
     facts = json.loads(files["/etc/clusterforge/cluster.json"]["content"])
     assert facts["nodes"][1]["name"] == "s2"
-    assert set(facts["generated"]["wireguard_public_keys"]) == {"s1", "s2", "s3"}
+    assert all(n["wireguard_public"] for n in facts["nodes"])
     assert json.loads(files["/etc/clusterforge/identity.json"]["content"]) == {
         "cluster": "lab", "node": "s2"}
     assert files["/etc/clusterforge/pki/node.key"]["permissions"] == "0600"
 
 
 def test_private_keys_only_in_their_own_seed(rendered: Path, state: Path) -> None:
-    for owner in ("s1", "s2", "s3"):
-        tls_key = (state / "lab/nodes" / owner / "tls.key").read_text().strip()
-        wg_key = (state / "lab/nodes" / owner / "wireguard.key").read_text().strip()
+    for owner, mac in (("s1", "52-54-00-00-00-11"), ("s2", "52-54-00-00-00-12"), ("s3", "52-54-00-00-00-13")):
+        tls_key = (state / "lab/nodes" / mac / "tls.key").read_text().strip()
+        wg_key = (state / "lab/nodes" / mac / "wireguard.key").read_text().strip()
         for node in ("s1", "s2", "s3"):
             seed = (rendered / "nodes" / node / "user-data").read_text()
             assert (tls_key.splitlines()[1] in seed) == (node == owner)
@@ -109,12 +113,22 @@ def test_network_config_matches_mac(rendered: Path) -> None:
 
 
 @pytest.mark.skipif(not SCHEMA.exists(), reason=f"{SCHEMA} not present beside this checkout")
-def test_autoinstall_valid_against_schema(rendered: Path) -> None:
+def test_autoinstall_valid_against_schema(state: Path, tmp_path: Path) -> None:
+    ubuntu = inventory.load(write_inventory(tmp_path, EXAMPLE.read_text().replace("os: debian-12", "os: ubuntu-24.04")))
+    rendered = render.render(ubuntu, tmp_path / "dist", state).path
     schema = json.loads(SCHEMA.read_text())
-    for path in sorted(rendered.glob("nodes/*/autoinstall.yaml")):
+    paths = sorted(rendered.glob("nodes/*/autoinstall.yaml"))
+    assert len(paths) == 3
+    for path in paths:
         data = yaml.safe_load(path.read_text())
         jsonschema.validate(data, schema)
         assert data["user-data"]["hostname"] == path.parent.name
+        # The node package travels in the node's cloud-init: no URL of something nothing builds.
+        payload = next(f for f in data["user-data"]["write_files"] if f["path"].endswith("payload.tar"))
+        names = tarfile.open(fileobj=io.BytesIO(gzip.decompress(base64.b64decode(payload["content"])))).getnames()
+        assert "clusterforge/node/seed.py" in names and "provision/10-clusterforge.sh" in names
+        assert "http" not in json.dumps(data["late-commands"])
+    assert not list((tmp_path / "dist/lab").glob("*/*/agent*"))
     broken = yaml.safe_load((rendered / "nodes/s1/autoinstall.yaml").read_text())
     broken["shutdown"] = "explode"
     with pytest.raises(jsonschema.ValidationError):
@@ -169,7 +183,7 @@ def test_dnsmasq_conf_accepted_by_dnsmasq(example: inventory.Cluster, tmp_path: 
 def test_failed_render_leaves_previous_output(example: inventory.Cluster, state: Path,
                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "dist"
-    before = tree(render.render(example, out, state))
+    before = tree(render.render(example, out, state).path)
     original = render.render_template
 
     def failing(name: str, **context: object) -> str:
@@ -182,7 +196,7 @@ def test_failed_render_leaves_previous_output(example: inventory.Cluster, state:
     with pytest.raises(TemplateError):
         render.render(example, out, state)
     assert tree(out / "lab") == before
-    assert sorted(p.name for p in out.iterdir()) == ["lab"]  # no temporary left behind
+    assert sorted(p.name for p in out.iterdir()) == [".lab.lock", "lab"]  # no temporary left behind
 
 
 def test_template_error_names_file_and_line(tmp_path: Path) -> None:
