@@ -27,8 +27,9 @@ class Target:
         argv += [f"{self.user}@{self.host}", command] if command else [f"{self.user}@{self.host}"]
         return [which("ip"), "netns", "exec", self.netns, *argv] if self.netns else argv
 
-    def run(self, command: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        return run(self.argv(command), check=check, timeout=timeout)
+    def run(self, command: str, check: bool = True, timeout: float = 120,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return run(self.argv(command), check=check, timeout=timeout, input=input)
 
     def wait(self, timeout: float) -> None:
         """Until the node accepts our key, or timeout."""

@@ -234,3 +234,7 @@ CEPH_MGR_KEY = "ceph-mgr.key"  # mgr.<node>: core nodes
 # The operator account: the same name and UID on every node, so jobs and files agree.
 OPERATOR = "forge"
 OPERATOR_UID = 2000
+
+# A node certificate names the node's WireGuard key as a URI: <this prefix><base64 key>.
+# The CA vouches for it, so a key learned from etcd is checked, never trusted.
+WIREGUARD_SAN = "urn:clusterforge:wireguard:"

@@ -1,0 +1,79 @@
+"""The agent's loop: level-triggered passes over every service, in dependency order.
+
+A pass that changed something, or left something waiting, is followed by another soon;
+while everything is converged the passes slow down (capped), so the agent costs little on a
+healthy node but notices a change within seconds.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from types import FrameType
+
+from .. import seed as seedlib
+from . import etcd, record, timesync
+from .context import Ctx
+from .core import State, Status, run_pass
+
+# The order the services converge in (DESIGN.md): each needs only what comes before it.
+SERVICES = [timesync, etcd]
+FAST, SLOW = 2.0, 10.0  # seconds between passes: after a change, and at most when converged
+SEED_WAIT = 5.0
+
+
+def log(line: str) -> None:
+    print(line, flush=True)  # the unit sends standard output to the journal
+
+
+class Stop(BaseException):
+    pass
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    raise Stop
+
+
+def load_seed() -> seedlib.Seed:
+    """The node's seed, waiting for cloud-init to write it (a node booted with none waits
+    forever, saying why, and a restart of the unit tries again)."""
+    said = ""
+    while True:
+        try:
+            return seedlib.load()
+        except seedlib.SeedError as exc:
+            if str(exc) != said:
+                log(f"agent: waiting for the seed: {exc}")
+                said = str(exc)
+        time.sleep(SEED_WAIT)  # cloud-init writes the seed once: there is no event to wait on
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        seed = load_seed()
+        ctx = Ctx(seed)
+        log(f"agent: node {seed.me.name} of cluster {seed.cluster.name} "
+            f"({', '.join(str(r) for r in seed.me.roles)})")
+        started = time.time()
+        publisher = record.Publisher()
+        statuses: dict[str, Status] = {}
+        interval = FAST
+        while True:
+            result = run_pass(ctx, SERVICES, statuses, log)
+            statuses = result.statuses
+            health = record.build(ctx, result, started)
+            record.write_local(ctx, health)
+            publisher.publish(ctx, health, statuses)
+            settled = not result.changed and all(
+                s.state in (State.OK, State.OFF, State.DEGRADED) for s in statuses.values())
+            interval = min(interval * 2, SLOW) if settled else FAST
+            time.sleep(interval)  # the pace of a level-triggered loop, not a wait for a fact
+    except (Stop, KeyboardInterrupt):
+        log("agent: stopping")
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
