@@ -119,7 +119,7 @@ def discovered(c, inventory="", state="", verbose=False):
 @user_errors
 def reinstall(c, node, inventory="", state="", verbose=False):
     """Make a node install again on its next PXE boot (instead of booting its disk)."""
-    cli.reinstall(inventory, node, Paths.resolve(state=state))
+    print(cli.reinstall(inventory, node, Paths.resolve(state=state)))
 
 
 @task(help=opts("mac", "inventory", "state", "verbose"))
@@ -232,8 +232,15 @@ def resume(c, inventory="", out="", state="", runs="", verbose=False):
     cli.cluster_vms(inventory, Paths.resolve(out, state, runs)).pause(False)
 
 
+@task(name="sync-agent", help=opts("inventory", *PATHS, "verbose"))
+@user_errors
+def sync_agent(c, inventory="", out="", state="", runs="", verbose=False):
+    """Development aid: copy this checkout's node package into the running nodes, restart their agents."""
+    print("agent updated on " + ", ".join(cli.sync_agent(inventory, Paths.resolve(out, state, runs))))
+
+
 namespace = Collection(render, demo, test, image, netboot, iso, usb, release)
 namespace.add_collection(Collection("pxe", serve, discovered, reinstall))
 namespace.add_collection(Collection("state", forget))
 namespace.add_collection(Collection("cluster", up, status, ssh, console, down, destroy, kill_, start,
-                                    partition, heal, pause, resume))
+                                    partition, heal, pause, resume, sync_agent))

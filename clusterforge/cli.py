@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def user_facing() -> tuple[type[Exception], ...]:
+    """The errors printed as a message: a machine's names its logs. The VM layer is imported
+    only by the commands that use it; when it was not, none of its errors can be raised."""
+    machine = sys.modules.get(f"{__package__}.vm.machine")
+    return (UserError, CommandError, TimeoutError, *((machine.MachineError,) if machine else ()))
+
+
 def user_errors(task: F) -> F:
     """Print user errors and failed commands as a message and exit 1: never a traceback."""
 
@@ -33,7 +40,7 @@ def user_errors(task: F) -> F:
         set_verbose(bool(kwargs.get("verbose")))
         try:
             return task(*args, **kwargs)
-        except (UserError, CommandError, TimeoutError) as exc:
+        except user_facing() as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(1)
         except KeyboardInterrupt:
@@ -128,13 +135,16 @@ def discovered(inventory: str, paths: Paths) -> str:
     return Discoveries(paths.cluster_state(cluster.name), cluster).as_inventory()
 
 
-def reinstall(inventory: str, node_name: str, paths: Paths) -> None:
+def reinstall(inventory: str, node_name: str, paths: Paths) -> str:
     from .pxe.http import Installed
 
     cluster = load(inventory, paths)
     node = find_node(cluster, node_name)
-    Installed(paths.cluster_state(cluster.name)).remove(node.mac_hyphen)
-    print(f"{node.name} installs again on its next network boot")
+    installed = Installed(paths.cluster_state(cluster.name))
+    if node.mac_hyphen not in installed.all():  # nothing to undo: write nothing
+        return f"{node.name} is not marked installed: it installs on its next network boot"
+    installed.remove(node.mac_hyphen)
+    return f"{node.name} installs again on its next network boot"
 
 
 def find_node(cluster: Cluster, name: str) -> inventory_mod.Node:
@@ -149,20 +159,52 @@ def forget(inventory: str, mac_text: str, paths: Paths) -> str:
     """Release the name and address kept for a MAC that is no longer in the inventory."""
     from .yamlsource import Field, Value
 
-    cluster = load(inventory, paths)
-    mac = inventory_mod.parse_mac(Value(mac_text, Field(Path("MAC"), 1, "argument")))
+    try:
+        mac = inventory_mod.parse_mac(Value(mac_text, Field(Path("MAC"), 1, "")))
+    except UserError as exc:  # the argument has no file and line to name
+        raise UserError(exc.message.removeprefix("MAC:1: "), exc.hint) from None
+    # The inventory as it will be once the record is gone: a pin refused because the record
+    # holds its name must not stop the command that releases it.
+    cluster = inventory_mod.load(user_path(inventory, DEFAULT_INVENTORY), state=paths.state, forgetting=mac)
     state = paths.cluster_state(cluster.name)
     if any(n.mac == mac for n in cluster.nodes):
         die(f"{mac} is node {next(n.name for n in cluster.nodes if n.mac == mac)} of the inventory",
             hint="remove it from the inventory first")
+    kept = identity.Records.read(state).by_mac
+    if mac not in kept:  # checked before locking, which would create state/
+        absent = [m for m in kept if m not in {n.mac for n in cluster.nodes}]
+        die(f"{state} keeps nothing for {mac}",
+            hint=f"it keeps these MACs that left the inventory: {', '.join(absent)}" if absent else None)
     with secrets_mod.locked(state):
         records = identity.Records.read(state)
-        if mac not in records.by_mac:
-            die(f"state/{cluster.name} keeps nothing for {mac}")
         record = records.by_mac[mac]
         records.forget(mac)
         secrets_mod.forget_node(state, mac.replace(":", "-"))
     return f"released {record.name} ({record.ip}), kept for {mac}; its keys are deleted"
+
+
+def sync_agent(inventory: str, paths: Paths) -> list[str]:
+    """Lay the node package and overlays of this checkout into the running nodes and restart
+    their agents: an agent change tried in a minute, not after an image rebuild (a
+    development aid; the image still carries what it was built with)."""
+    import base64
+
+    from .factory.payload import payload_bytes
+
+    vms = cluster_vms(inventory, paths)
+    encoded = base64.b64encode(payload_bytes()).decode()
+    script = ('set -e; t=$(mktemp -d); base64 -d > "$t/p.tar"; '
+              'CLUSTERFORGE_PAYLOAD="$t/p.tar" sh -c "$(tar -xOf "$t/p.tar" provision/10-clusterforge.sh)"; '
+              'rm -rf "$t"; systemctl restart clusterforge-agent.service')
+    done = []
+    for node in vms.nodes():
+        if not vms.machine(node).running:
+            continue
+        vms.ssh(node).run(script, input=encoded, timeout=300)
+        done.append(node.name)
+    if not done:
+        die(f"no node of cluster {vms.cluster.name} is running", hint="./forge cluster.up")
+    return done
 
 
 def print_artifacts(artifacts: Artifacts) -> None:
@@ -183,7 +225,7 @@ def render_summary(cluster: Cluster, rendered: render.Rendered) -> str:
         lines.append(f"  {n.name:<8} {n.mac:<18} {str(n.ip):<15} {str(n.overlay_ip):<15} "
                      f"{n.boot:<9} {','.join(n.roles)}{mark}")
     for change in changes.moved:
-        lines.append(f"  changed by a pin: {change}")
+        lines.append(f"  changed: {change}")
     reissued = [name for name in rendered.reissued if name not in changes.new]
     if reissued:
         lines.append(f"  certificates reissued: {', '.join(reissued)} (these nodes need their new seed)")
@@ -199,7 +241,11 @@ def render_summary(cluster: Cluster, rendered: render.Rendered) -> str:
 
 
 def ssh_argv(vms: ClusterVMs, node_name: str, command: str) -> list[str]:
-    target = vms.ssh(vms.nodes([node_name])[0])
+    node = vms.nodes([node_name])[0]
+    target = vms.ssh(node)
+    if vms.machine(node).pid() is None:
+        die(f"{node.name} is not running (no QEMU process in {vms.dir / node.name})",
+            hint="./forge cluster.status shows the nodes; ./forge cluster.up boots the cluster")
     if not target.key.exists():
         die(f"no SSH key at {target.key}", hint="boot the cluster first: ./forge cluster.up")
     return target.argv(command, tty=not command and os.isatty(sys.stdin.fileno()))

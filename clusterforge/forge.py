@@ -1,7 +1,9 @@
 """`./forge`'s last step: run invoke on tasks.py, taking `cluster.ssh NODE COMMAND...` as ssh does.
 
 invoke has no trailing arguments, so `./forge cluster.ssh s1 ceph -s` would read `ceph`
-as another task. Everything after the node (an optional `--` first) becomes --cmd.
+as another task. As with ssh, options may come before or after the node; the first word
+after the node that is not an option (or everything after `--`) starts the command, which
+becomes --cmd.
 """
 
 from __future__ import annotations
@@ -13,6 +15,12 @@ from pathlib import Path
 SSH_TASK = "cluster.ssh"
 # cluster.ssh's options that take a value (long and short forms, as invoke names them).
 VALUE_OPTIONS = {"--inventory", "-i", "--out", "-o", "--state", "-s", "--runs", "-r", "--cmd", "-c", "--node", "-n"}
+CMD_OPTIONS = ("--cmd", "-c")
+NODE_OPTIONS = ("--node", "-n")
+
+
+class UsageError(Exception):
+    pass
 
 
 def rewrite(argv: list[str]) -> list[str]:
@@ -21,32 +29,46 @@ def rewrite(argv: list[str]) -> list[str]:
     at = argv.index(SSH_TASK)
     head, rest = argv[:at + 1], argv[at + 1:]
     options: list[str] = []
-    node = None
+    node = False
     i = 0
-    while i < len(rest) and node is None:
+    while i < len(rest):
         word = rest[i]
         if word == "--":
+            i += 1
             break
         if word.startswith("-"):
             options.append(word)
             if word in VALUE_OPTIONS and i + 1 < len(rest):
-                options.append(rest[i + 1])
                 i += 1
-            if word in ("--node", "-n"):
-                node = options[-1]
-        else:
-            node = word
+                options.append(rest[i])
+            node = node or _is(word, NODE_OPTIONS)
+        elif not node:
+            node = True
             options.append(word)
+        else:
+            break
         i += 1
     command = rest[i:]
-    if command[:1] == ["--"]:
-        command = command[1:]
-    return head + options + (["--cmd", " ".join(command)] if command else [])
+    if not command:
+        return head + options
+    if any(_is(word, CMD_OPTIONS) for word in options):
+        raise UsageError("cluster.ssh: give the command after NODE or with --cmd, not both")
+    return head + options + ["--cmd", " ".join(command)]
+
+
+def _is(word: str, option: tuple[str, ...]) -> bool:
+    """The word is the option, as `--cmd` or `--cmd=VALUE`."""
+    return word in option or word.startswith(tuple(f"{name}=" for name in option))
 
 
 def main() -> None:
     invoke = Path(sys.executable).parent / "invoke"
-    os.execv(invoke, [str(invoke), *rewrite(sys.argv[1:])])
+    try:
+        argv = rewrite(sys.argv[1:])
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    os.execv(invoke, [str(invoke), *argv])
 
 
 if __name__ == "__main__":

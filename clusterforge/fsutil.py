@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-from .log import info
+from .log import die, info
 from .run import run
 
 _OCTAL = re.compile(r"\\([0-7]{3})")
@@ -36,6 +36,11 @@ def atomic_path(final: Path) -> Iterator[Path]:
         raise
     if not os.path.lexists(tmp):
         raise RuntimeError(f"nothing was produced at {tmp}")
+    if os.path.lexists(final) and not final.is_symlink() and final.is_dir() != tmp.is_dir():
+        # A file where a directory belongs, or the other way round: not ours to delete.
+        remove_path(tmp)
+        die(f"{final}: exists and is {'a directory' if final.is_dir() else 'not a directory'}; left as it is",
+            hint="move it out of the way")
     # From here on the new output is complete: Ctrl-C waits until it is in place and the
     # old one is gone, so an interrupt never leaves both, or neither, behind.
     with deferred_signals():
@@ -74,8 +79,12 @@ def deferred_signals() -> Iterator[None]:
 @contextmanager
 def locked(lock_file: Path, what: str, timeout: float = 300.0) -> Iterator[None]:
     """An exclusive lock held for the block: commands that write the same thing take turns."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as lock:
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(lock_file, "a")
+    except OSError as exc:
+        die(f"{lock_file}: cannot take the lock of {what}: {exc.strerror}")
+    with lock:
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -129,24 +129,28 @@ class Records:
                      "name and address again")
         return cls(path, records)
 
+    def without(self, mac: str | None) -> Records:
+        """These records as they will be once `mac` is forgotten (in memory only)."""
+        return Records(self.path, {m: r for m, r in self.by_mac.items() if m != mac})
+
     def write(self, nodes: Iterable[Any]) -> Records:
         """Record the nodes' names and addresses, keeping the records of absent MACs."""
         assert self.path is not None
-        by_mac = dict(self.by_mac)
-        by_mac.update({n.mac: Record(n.name, n.ip) for n in nodes})
-        if by_mac != self.by_mac or not self.path.exists():
-            body = {"schema": RECORDS_SCHEMA, "nodes": {mac: {"name": r.name, "ip": str(r.ip)}
-                                                         for mac, r in sorted(by_mac.items())}}
-            write_atomic(self.path, json.dumps(body, indent=2) + "\n", mode=0o600)
-        return Records(self.path, by_mac)
+        updated = Records(self.path, {**self.by_mac, **{n.mac: Record(n.name, n.ip) for n in nodes}})
+        if updated.by_mac != self.by_mac or not self.path.exists():
+            updated._save()
+        return updated
 
     def forget(self, mac: str) -> Records:
+        forgotten = self.without(mac)
+        forgotten._save()
+        return forgotten
+
+    def _save(self) -> None:
         assert self.path is not None
-        by_mac = {m: r for m, r in self.by_mac.items() if m != mac}
         body = {"schema": RECORDS_SCHEMA, "nodes": {m: {"name": r.name, "ip": str(r.ip)}
-                                                     for m, r in sorted(by_mac.items())}}
+                                                     for m, r in sorted(self.by_mac.items())}}
         write_atomic(self.path, json.dumps(body, indent=2) + "\n", mode=0o600)
-        return Records(self.path, by_mac)
 
 
 # ---------------------------------------------------------------- assignment
@@ -168,6 +172,10 @@ class _Field:
     def __init__(self, what: str, slots: list[_Slot], fixed: dict[Any, str],
                  default: Callable[[RawNode, set[Any]], Any], orphans: dict[Any, str]):
         self.what, self.slots, self.fixed, self.default, self.orphans = what, slots, fixed, default, orphans
+
+    @property
+    def article(self) -> str:
+        return f"an {self.what}" if self.what[0] in "aeiou" else f"a {self.what}"
 
     def given(self, unpinned: _Slot | None = None) -> dict[int, Any]:
         """Every slot's value; with `unpinned`, as if that slot's pin were left out."""
@@ -215,7 +223,8 @@ class _Field:
                 at.fail(f"{self.what} {pin} is pinned for {other.node.describe()} too")
             if other.pin is None and other.kept == slot.pin:
                 at.fail(f"{self.what} {pin} is {other.node.describe()}'s, kept since the cluster was first "
-                        "rendered", hint=f"pin that node's {self.what} to something else first")
+                        "rendered",
+                        hint=f"choose another {self.what}, or first pin that node's {self.what} to something else")
         # The default another node gets when this pin is left out: only nodes without a pin
         # or kept value of their own can take it.
         if any(o.pin is None and o.kept is None for o in self.slots if o is not slot):
@@ -223,7 +232,7 @@ class _Field:
             for other_index, other in enumerate(self.slots):
                 if other_index != index and other.pin is None and values[other_index] == slot.pin:
                     at.fail(f"{self.what} {pin} is what {other.node.describe()} gets by default",
-                            hint=f"pin a {self.what} for that node too, or choose another {self.what}")
+                            hint=f"pin {self.article} for that node too, or choose another {self.what}")
 
 
 def assign(raw: list[RawNode], network: Any, records: Records) -> tuple[Any, ...]:
@@ -237,17 +246,18 @@ def assign(raw: list[RawNode], network: Any, records: Records) -> tuple[Any, ...
     in_inventory = {n.mac for n in raw}
     orphans = {mac: r for mac, r in records.by_mac.items() if mac not in in_inventory}
     kept = {n.mac: records.by_mac.get(n.mac) for n in raw}
+    fixed_ips = {network.gateway: "gateway's address", network.vip: "VIP", network.boot_server: "boot server's address"}
 
     def keep_ip(record: Record | None) -> IPv4Address | None:
-        # A recorded address the subnet no longer holds is given anew (the summary says so).
-        return record.ip if record and record.ip in network.subnet else None
+        # A recorded address the network no longer lets a node have (outside a changed subnet,
+        # now its gateway, VIP or boot server) is given anew; the summary says so.
+        return record.ip if record and _usable(record.ip, network) and record.ip not in fixed_ips else None
 
     names = _Field("name", [_Slot(n, n.name, r.name if (r := kept[n.mac]) else None) for n in raw], {},
                    _default_name, {r.name: mac for mac, r in orphans.items()})
-    fixed_ips = {network.gateway: "gateway's address", network.vip: "VIP", network.boot_server: "boot server's address"}
     ips = _Field("address", [_Slot(n, n.ip, keep_ip(kept[n.mac])) for n in raw], fixed_ips,
                  lambda node, taken: _default_ip(node, taken, network),
-                 {r.ip: mac for mac, r in orphans.items() if r.ip in network.subnet})
+                 {r.ip: mac for mac, r in orphans.items() if _usable(r.ip, network)})
     names.resolve()
     ips.resolve()
     resolved = []
@@ -264,6 +274,11 @@ def _check_unique_macs(raw: list[RawNode]) -> None:
         if node.mac in seen:
             node.mac_at.fail(f"MAC {node.mac} is used twice (first at line {seen[node.mac].line})")
         seen[node.mac] = node.mac_at
+
+
+def _usable(addr: IPv4Address, network: Any) -> bool:
+    subnet = network.subnet
+    return addr in subnet and addr not in (subnet.network_address, subnet.broadcast_address)
 
 
 def _check_pin_address(node: RawNode, network: Any) -> None:

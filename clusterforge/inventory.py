@@ -20,6 +20,9 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+
 from . import identity, k3sbundle, yamlsource
 from .log import shorten
 from .node.seed import SERVICE_DEFAULTS, BootMode, Disk, Role, Service
@@ -29,6 +32,8 @@ __all__ = ["BootMode", "Cluster", "Disk", "Network", "Node", "OS", "Role", "Serv
 
 HTTP_PORT = 8080  # where the PXE server's HTTP side listens; iPXE scripts point at it
 RESERVED_NAMES = {"images", "release", "cache", "runs", "netboot"}  # siblings in dist/
+MAX_SSH_KEY = 8192  # characters of an authorized_keys line (RSA 16384 is about 2,800)
+MAX_FQDN = 253
 RESERVED_HOSTNAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback", "broadcasthost"}
 
 
@@ -129,7 +134,7 @@ _MAC_FORMS = (
     re.compile(r"([0-9a-f]{12})"),
 )
 _SSH_KEY = re.compile(r"(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(?:256|384|521)|sk-ssh-ed25519@openssh\.com"
-                      r"|sk-ecdsa-sha2-nistp256@openssh\.com) ([A-Za-z0-9+/]+={0,2})(?: ([ -~]*))?")
+                      r"|sk-ecdsa-sha2-nistp256@openssh\.com) ([A-Za-z0-9+/]+={0,2})(?: (.*))?")
 _DISK = re.compile(r"/dev/[A-Za-z0-9_.:+@=,-]+(?:/[A-Za-z0-9_.:+@=,-]+)*")
 
 
@@ -219,18 +224,35 @@ def parse_timezone(value: Value) -> str:
 def parse_ssh_key(value: Value) -> str:
     """An OpenSSH public key line whose blob really is a key of the type it names."""
     text = value.text().strip()
+    if len(text) > MAX_SSH_KEY:
+        value.at.fail(f"{shorten(text)} is too long for an SSH public key (at most {MAX_SSH_KEY} characters)")
     match = _SSH_KEY.fullmatch(text)
     if match:
-        kind, blob = match.group(1), match.group(2)
+        kind, blob, comment = match.group(1), match.group(2), match.group(3) or ""
+        odd = next((c for c in comment if not " " <= c <= "~"), None)
+        if odd is not None:  # authorized_keys and every tool reading it: ASCII
+            value.at.fail(f"the comment of {shorten(text)} holds the character {odd!r}",
+                          hint="an SSH key's comment takes printable ASCII only")
         try:
             raw = base64.b64decode(blob, validate=True)
             (length,) = struct.unpack(">I", raw[:4])
-            if raw[4:4 + length].decode() == kind and len(raw) > 4 + length + 16:
+            if raw[4:4 + length].decode() == kind and len(raw) > 4 + length + 16 and _key_parses(kind, blob):
                 return text
         except (binascii.Error, struct.error, UnicodeDecodeError):
             pass
     value.at.fail(f"{shorten(text)} is not an SSH public key",
                   hint="paste a whole line of ~/.ssh/id_ed25519.pub (type, key, optional comment)")
+
+
+def _key_parses(kind: str, blob: str) -> bool:
+    """The key material itself is sound (cryptography reads every type but the sk- ones)."""
+    if kind.startswith("sk-"):
+        return True
+    try:
+        serialization.load_ssh_public_key(f"{kind} {blob}".encode())
+        return True
+    except (ValueError, UnsupportedAlgorithm):
+        return False
 
 
 def parse_disk(value: Value, storage: bool) -> Disk:
@@ -257,9 +279,10 @@ TOP_KEYS = ("cluster", "network", "access", "services", "nodes")
 SERVICE_KEYS = (*(str(s) for s in Service), "k3s_bundle")
 
 
-def load(path: Path | str, state: Path | None = None) -> Cluster:
+def load(path: Path | str, state: Path | None = None, forgetting: str | None = None) -> Cluster:
     """Load and validate an inventory. With `state` (the state root), nodes keep the
-    names and addresses recorded there when the cluster was rendered before."""
+    names and addresses recorded there when the cluster was rendered before; but for the
+    record of `forgetting` (a MAC: state.forget checks the inventory as it will be)."""
     path = Path(path)
     top = Value(yamlsource.load(path), Field(path, 1, ""))
     if top.raw is None:
@@ -291,7 +314,11 @@ def load(path: Path | str, state: Path | None = None) -> Cluster:
 
     network = _load_network(network_section, raw_nodes)
     records = identity.Records.read(state / name) if state is not None else identity.Records.empty()
-    nodes = identity.assign(raw_nodes, network, records)
+    nodes = identity.assign(raw_nodes, network, records.without(forgetting))
+    for node, raw in zip(nodes, raw_nodes, strict=True):
+        if len(node.name) + 1 + len(domain) > MAX_FQDN:
+            raw.name_at.fail(f"the node's FQDN {shorten(node.name + '.' + domain)} is longer than DNS allows "
+                             f"({MAX_FQDN} characters)", hint="shorten cluster.domain")
     result = Cluster(name=name, domain=domain, os=os_, timezone=timezone, network=network,
                      ssh_authorized_keys=keys, services=services, nodes=nodes, source=path)
     _check_services(result, services_section)
@@ -377,7 +404,11 @@ def _load_network(s: Section, nodes: list[identity.RawNode]) -> Network:
         if boot_server in taken:
             s.field("boot_server").fail(f"{boot_server} is already used by the gateway, VIP or a node")
     else:
-        boot_server = next(a for a in subnet.hosts() if a not in taken)
+        free = next((a for a in subnet.hosts() if a not in taken), None)
+        if free is None:
+            s.field("subnet").fail(f"{subnet} has no address left for the boot server",
+                                   hint="use a larger subnet, or set network.boot_server")
+        boot_server = free
     ranges = _load_ranges(s, subnet)
     return Network(subnet=subnet, gateway=gateway, dns=dns, vip=vip, overlay=overlay,
                    boot_server=boot_server, ranges=ranges)

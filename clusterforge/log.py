@@ -32,12 +32,18 @@ def die(message: str, hint: str | None = None) -> NoReturn:
 
 
 def shorten(value: object, limit: int = 40) -> str:
-    """A user's value quoted for a message: non-printable characters escaped, long ones cut."""
+    """A user's value quoted for a message: non-printable characters escaped (never cut in
+    half), at most `limit` characters of it shown."""
     text = value if isinstance(value, str) else str(value)
-    quoted = repr(text[:limit + 1])[1:-1]
-    if len(text) > limit:
-        return f"'{quoted[:limit]}...' ({len(text)} characters)"
-    return f"'{quoted}'"
+    shown: list[str] = []
+    used = 0
+    for char in text:
+        piece = "\\'" if char == "'" else "\\\\" if char == "\\" else char if char.isprintable() else repr(char)[1:-1]
+        if used + len(piece) > limit:
+            return f"'{''.join(shown)}...' ({len(text)} characters)"
+        shown.append(piece)
+        used += len(piece)
+    return f"'{''.join(shown)}'"
 
 
 def set_verbose(on: bool) -> None:

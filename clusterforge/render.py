@@ -19,6 +19,7 @@ from . import fsutil, identity, templates
 from . import secrets as secrets_mod
 from .fsutil import atomic_path
 from .inventory import HTTP_PORT, Cluster, Node, Role
+from .log import die
 from .node import layout
 from .node import seed as seedlib
 from .node.seed import Service
@@ -64,16 +65,37 @@ def render(cluster: Cluster, out_root: Path, state_root: Path, site: Site | None
     writable_dir(state_root, "--state")
     state = secrets_mod.cluster_state(state_root, cluster)
     final = out_root / cluster.name
-    with secrets_mod.locked(state), fsutil.locked(out_root / f".{cluster.name}.lock", f"{final}"):
-        records = identity.Records.read(state)
-        changes = identity.changes(cluster.nodes, records)
-        secrets = secrets_mod.ensure(cluster, state_root, rekey=rekey)
-        files = render_files(cluster, secrets, site, previous=final)
-        with atomic_path(final) as tmp:
-            write_tree(tmp, files)
-        records.write(cluster.nodes)
+    try:
+        with secrets_mod.locked(state), fsutil.locked(out_root / f".{cluster.name}.lock", f"{final}"):
+            records = identity.Records.read(state)
+            changes = identity.changes(cluster.nodes, records)
+            secrets = secrets_mod.ensure(cluster, state_root, rekey=rekey)
+            files = render_files(cluster, secrets, site, previous=final)
+            with atomic_path(final) as tmp:
+                write_tree(tmp, files)
+                # Before the swap: the tree swapped in never names nodes state/ does not record.
+                _check_records(records, cluster.nodes)
+                records.write(cluster.nodes)
+    except OSError as exc:  # a full disk, a read-only mount, a directory where a file belongs
+        die(f"{exc.filename or final}: {exc.strerror or exc}",
+            hint=f"{final} and {state} must be writable; the previous render (if any) is untouched")
     reissued = tuple(name for name, s in secrets.nodes.items() if s.reissued)
     return Rendered(final, changes, reissued)
+
+
+def _check_records(records: identity.Records, nodes: tuple[Node, ...]) -> None:
+    """No two MACs recorded with one name or address. The inventory is loaded (and its names
+    given) before this render took the lock: another render in between may have given them
+    to other MACs."""
+    merged = {**{mac: (r.name, r.ip) for mac, r in records.by_mac.items()}, **{n.mac: (n.name, n.ip) for n in nodes}}
+    for index, what in ((0, "name"), (1, "address")):
+        owner: dict[object, str] = {}
+        for mac, record in sorted(merged.items()):
+            if record[index] in owner:
+                die(f"{records.path}: {owner[record[index]]} and {mac} would both be recorded with the {what} "
+                    f"{record[index]}", hint="state/ changed while this command ran (another render of the "
+                                             "cluster?): run the command again")
+            owner[record[index]] = mac
 
 
 # A rendered tree: relative path -> (content, file mode). Rendering is pure; writing is I/O.

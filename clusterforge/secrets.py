@@ -21,6 +21,7 @@ import base64
 import datetime
 import ipaddress
 import os
+import re
 import secrets as random
 import shutil
 import struct
@@ -43,6 +44,7 @@ from .inventory import Cluster, Node, Role
 from .log import die, info
 
 CERT_DAYS = 3650
+RENEW_BEFORE = datetime.timedelta(days=30)  # a certificate this close to its end is made again
 MUNGE_KEY_BYTES = 1024
 MUNGE_KEY_RANGE = (32, 1024)  # what munged accepts
 WIREGUARD_SAN = "urn:clusterforge:wireguard:"  # + the node's public key: the CA vouches for it
@@ -108,6 +110,15 @@ def ensure(cluster: Cluster, state_root: Path, rekey: bool = False) -> ClusterSe
     """Load the cluster's secrets, checking them, and generate what is missing.
     The caller holds `locked(state)`."""
     state = cluster_state(state_root, cluster)
+    try:
+        return _ensure(state, cluster, rekey)
+    except OSError as exc:  # a directory where a key belongs, an unreadable file, a full disk
+        where = exc.filename or state
+        die(f"{where}: {exc.strerror or exc}",
+            hint=f"{state} holds the cluster's secrets: its files must be readable and writable")
+
+
+def _ensure(state: Path, cluster: Cluster, rekey: bool) -> ClusterSecrets:
     prepare_dir(state)
     ca_key, ca_cert = _ensure_ca(state, cluster, rekey)
     ssh_private = state / "ssh" / "id_ed25519"
@@ -118,10 +129,11 @@ def ensure(cluster: Cluster, state_root: Path, rekey: bool = False) -> ClusterSe
         ca_cert=_pem(ca_cert),
         munge_key=munge,
         k3s_token=_ensure_file(state / "k3s-token", lambda: random.token_hex(32).encode(),
-                               _check_token).decode(),
+                               _check_token).decode().strip(),
         ceph_fsid=_ensure_file(state / "ceph-fsid", lambda: str(uuid.uuid4()).encode(), _check_uuid,
-                               mode=0o644).decode(),
-        ceph_keys={e: _ensure_file(state / "ceph" / f"{e.rstrip('.')}.key", ceph_key, _check_ceph_key).decode()
+                               mode=0o644).decode().strip(),
+        ceph_keys={e: _ensure_file(state / "ceph" / f"{e.rstrip('.')}.key", ceph_key,
+                                   _check_ceph_key).decode().strip()
                    for e in CEPH_ENTITIES},
         operator_ssh_public=_ensure_ssh_key(ssh_private, f"clusterforge@{cluster.name}"),
         operator_ssh_private=ssh_private,
@@ -155,15 +167,17 @@ def _check_munge(data: bytes) -> str | None:
 
 def _check_token(data: bytes) -> str | None:
     text = data.decode(errors="replace").strip()
-    return None if len(text) >= 32 and text.isalnum() else "not a K3s token (32 or more letters and digits)"
+    ok = 32 <= len(text) <= 256 and text.isascii() and text.isalnum()
+    return None if ok else "not a K3s token (32 to 256 letters and digits)"
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _check_uuid(data: bytes) -> str | None:
-    try:
-        uuid.UUID(data.decode().strip())
-        return None
-    except ValueError:
-        return "not a Ceph fsid (a UUID)"
+    # The canonical form only: uuid.UUID() also takes {...} and urn:uuid:, which Ceph does not.
+    text = data.decode(errors="replace").strip()
+    return None if _UUID.fullmatch(text) else "not a Ceph fsid (a UUID such as 4b0d...-...)"
 
 
 def ceph_key() -> bytes:
@@ -224,12 +238,16 @@ def _ensure_ca(state: Path, cluster: Cluster, rekey: bool) -> tuple[ec.EllipticC
                 hint="restore it from a backup of state/; without it, ./forge render --rekey makes a new CA "
                      "(every node then needs its new seed)")
         cert = _load_cert(cert_path) if cert_path.exists() else None
-        if cert is None or cert.public_key() != key.public_key():
-            why = "missing" if not cert_path.exists() else "damaged or not made from ca.key"
-            info(f"{cert_path}: {why}; made again from {key_path} (node certificates stay valid)")
-            cert = _ca_cert(key, cluster)
-            write_atomic(cert_path, _pem(cert).encode(), mode=0o644)
-        return key, cert
+        why = ("missing" if not cert_path.exists() else "damaged" if cert is None
+               else "not made from ca.key" if cert.public_key() != key.public_key()
+               else "expiring" if _expiring(cert) else "")
+        candidate = _ca_cert(key, cluster) if why else cert
+        assert candidate is not None
+        _check_issuer(state, key_path, candidate)
+        if why:
+            write_atomic(cert_path, _pem(candidate).encode(), mode=0o644)
+            info(f"{cert_path}: {why}; made again from {key_path} (the node certificates it issued stay valid)")
+        return key, candidate
     elif cert_path.exists() or issued:
         die(f"{key_path} is missing: no certificate of this cluster can be issued or checked",
             hint="restore it from a backup of state/; or re-key the cluster with ./forge render --rekey "
@@ -239,6 +257,33 @@ def _ensure_ca(state: Path, cluster: Cluster, rekey: bool) -> tuple[ec.EllipticC
     write_atomic(key_path, _pem_key(key), mode=0o600)
     write_atomic(cert_path, _pem(cert).encode(), mode=0o644)
     return key, cert
+
+
+def _check_issuer(state: Path, key_path: Path, ca_cert: x509.Certificate) -> None:
+    """ca.key is the key that issued the node certificates in state/: when none of them
+    verifies against it, it is another CA's key (and reissuing them all would re-key the
+    cluster behind the user's back)."""
+    issued = False
+    for cert in map(_load_cert, (state / "nodes").glob("*/tls.crt")):
+        if cert is not None and _issued_by(cert, ca_cert):
+            return  # one is enough: the others are checked (and reissued) one by one
+        issued = issued or cert is not None
+    if issued:
+        die(f"{key_path}: did not issue any of the node certificates in {state / 'nodes'}: it is not this "
+            "cluster's CA key", hint="restore ca.key from a backup of state/; or re-key the cluster with "
+                                     "./forge render --rekey (every node then needs its new seed)")
+
+
+def _issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca_cert)
+        return True
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+
+
+def _expiring(cert: x509.Certificate) -> bool:
+    return cert.not_valid_after_utc < datetime.datetime.now(datetime.UTC) + RENEW_BEFORE
 
 
 def _ca_cert(key: ec.EllipticCurvePrivateKey, cluster: Cluster) -> x509.Certificate:
@@ -332,13 +377,13 @@ def _cert_valid(cert_path: Path, key_path: Path, sans: x509.SubjectAlternativeNa
     cert, key = _load_cert(cert_path), _load_key(key_path)
     if cert is None or key is None or cert.public_key() != key.public_key():
         return False
-    try:
-        cert.verify_directly_issued_by(ca_cert)
-        have = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (InvalidSignature, ValueError, TypeError, x509.ExtensionNotFound):
+    if not _issued_by(cert, ca_cert):
         return False
-    expires = cert.not_valid_after_utc
-    return set(have) == set(sans) and expires > datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=30)
+    try:
+        have = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    return set(have) == set(sans) and not _expiring(cert)
 
 
 def _ensure_ssh_key(private: Path, comment: str) -> str:
@@ -358,9 +403,9 @@ def _ensure_ssh_key(private: Path, comment: str) -> str:
     except (ValueError, TypeError):
         die(f"{private}: not an OpenSSH private key (damaged?)",
             hint="delete it and its .pub to make a new one; every node then needs its new seed")
-    text = public.read_text(errors="replace").strip()
-    if text.split()[:2] != derived.decode().split()[:2]:
+    # What goes into every seed is derived from the private key, never read as it is.
+    text = f"{derived.decode()} {comment}"
+    if public.read_bytes() != (text + "\n").encode():
         info(f"{public}: did not match {private}; written again from it")
-        text = f"{derived.decode()} {comment}"
         write_atomic(public, text + "\n", mode=0o644)
     return text

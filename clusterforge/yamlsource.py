@@ -21,6 +21,9 @@ from .log import die, shorten
 
 MAX_BYTES = 4 * 1024**2  # a 1,000-node inventory is about 100 KiB
 MAX_DEPTH = 32  # inventories nest four levels deep; PyYAML's parser recurses per level
+MAX_MERGED = 1000  # entries of one mapping after its merge keys (<<) are applied
+MAX_PROBLEM = 160  # characters of PyYAML's description of a syntax error
+MAX_NUMBER = 64  # characters of a number: MACs YAML reads as base-60 numbers are 17
 
 
 class Mapping(dict[Any, Any]):
@@ -37,27 +40,46 @@ class Sequence(list[Any]):
     item_lines: list[int]
 
 
+_MERGE = "tag:yaml.org,2002:merge"
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        # id(mapping node) -> ids of the key nodes written in it (not merged in with `<<`).
+        self.own_keys: dict[int, set[int]] = {}
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # Called for every mapping merged in too (recursively), so each node's own keys are
+        # noted before a merge adds others to it.
+        if id(node) not in self.own_keys:
+            self.own_keys[id(node)] = {id(k) for k, _ in node.value if k.tag != _MERGE}
+        merges = any(k.tag == _MERGE for k, _ in node.value)
+        super().flatten_mapping(node)
+        # Merges copy pairs: a few hundred bytes of `<<: [*a, *a, ...]` nested would
+        # otherwise grow to millions of pairs (a merge bomb).
+        if merges and len(node.value) > MAX_MERGED:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"merge keys (<<) expand this mapping to more than {MAX_MERGED} entries",
+                node.start_mark)
 
 
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Mapping:
     # Keys merged in with `<<: *anchor` may be overridden by the mapping's own keys, as
     # YAML's merge rules say; a key written twice in the mapping itself is an error.
-    merged = len(node.value)
     loader.flatten_mapping(node)
-    merged = len(node.value) - merged  # flatten_mapping puts the merged pairs first
+    own_nodes = loader.own_keys[id(node)]
     result = Mapping()
     result.line = node.start_mark.line + 1
     result.key_lines = {}
     own: set[Any] = set()
-    for index, (key_node, value_node) in enumerate(node.value):
+    for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
         if not isinstance(key, str):
             raise yaml.constructor.ConstructorError(
                 None, None, f"keys must be strings, got {describe(key)}", key_node.start_mark)
-        if index >= merged:
+        if id(key_node) in own_nodes:
             if key in own:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {shorten(key)} (first at line {result.key_lines[key]})",
@@ -80,6 +102,21 @@ def _refuse_tag(loader: _Loader, node: yaml.Node) -> Any:
         None, None, f"the tag {shorten(node.tag)} is not allowed in an inventory", node.start_mark)
 
 
+def _number(construct: Any) -> Any:
+    """YAML's int and float, for scalars of a sane length: int() of thousands of digits is
+    refused by Python, and a sexagesimal 1:2:3:... of millions is quadratic to build."""
+
+    def construct_number(loader: _Loader, node: yaml.ScalarNode) -> Any:
+        if len(node.value) > MAX_NUMBER:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a number of {len(node.value)} characters is too long", node.start_mark)
+        return construct(loader, node)
+
+    return construct_number
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _number(yaml.constructor.SafeConstructor.construct_yaml_int))
+_Loader.add_constructor("tag:yaml.org,2002:float", _number(yaml.constructor.SafeConstructor.construct_yaml_float))
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 # Plain data only: ordered maps, sets, pairs, binary and timestamps have no place here.
@@ -126,12 +163,24 @@ def load(path: Path) -> Any:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
         problem = " ".join(p for p in (exc.context, exc.problem) if p)
-        die(f"{path}:{line}: YAML syntax error: {problem}")
+        if len(problem) > MAX_PROBLEM:  # it may quote the input (an alias's name, a tag)
+            problem = problem[:MAX_PROBLEM] + "..."
+        kind = "" if isinstance(exc, yaml.constructor.ConstructorError) else "YAML syntax error: "
+        die(f"{path}:{line}: {kind}{problem}")
+    except yaml.reader.ReaderError as exc:
+        line = text[:exc.position].count("\n") + 1
+        character = chr(exc.character) if isinstance(exc.character, int) else str(exc.character)
+        die(f"{path}:{line}: the character {character!r} is not allowed in YAML",
+            hint="remove it; YAML takes printable characters, tabs and line breaks only")
     except yaml.YAMLError as exc:
         die(f"{path}: YAML error: {shorten(str(exc), 200)}")
     except RecursionError:
         die(f"{path}: nested too deeply to be an inventory")
+    except (ValueError, OverflowError) as exc:  # a value PyYAML's constructors choke on
+        die(f"{path}: not an inventory YAML can read ({type(exc).__name__}: {shorten(str(exc), 80)})")
 
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_<-]{1,40}")
 
 TYPE_NAMES = {
     str: "a string", bool: "true or false", int: "a number", Mapping: "a mapping",
@@ -152,10 +201,11 @@ class Field:
         die(f"{where}: {message}", hint=hint)
 
     def child(self, key: str | int, line: int) -> Field:
-        path = f"{self.path}[{key}]" if isinstance(key, int) else (
-            f"{self.path}.{key}" if self.path else key
-        )
-        return Field(self.file, line, path)
+        if isinstance(key, int):
+            return Field(self.file, line, f"{self.path}[{key}]")
+        # A key is the user's text too: one that is no plain word is quoted, escaped and cut.
+        name = key if _PLAIN_KEY.fullmatch(key) else shorten(key)
+        return Field(self.file, line, f"{self.path}.{name}" if self.path else name)
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ _MAC_HYPHEN = re.compile(r"[0-9a-f]{2}(?:-[0-9a-f]{2}){5}")
 # The fields menu.ipxe sends, and the longest value kept of each.
 FIELDS = {"platform": 16, "ip": 15, "uuid": 36, "serial": 64, "manufacturer": 64, "product": 64}
 MAX_MACHINES = 256
+MAX_FILE = 1024**2  # discovered.json: 256 machines take about 100 KiB
 STAMPS = ("first_seen", "last_seen")
 
 
@@ -40,7 +41,12 @@ class Discoveries:
 
     def load(self) -> dict[str, dict[str, str]]:
         try:
-            data = json.loads(self.path.read_bytes())
+            with open(self.path, "rb") as f:
+                raw = f.read(MAX_FILE + 1)
+            if len(raw) > MAX_FILE:
+                die(f"{self.path}: larger than {MAX_FILE} bytes, which no list of {MAX_MACHINES} machines is",
+                    hint="delete it to start the list of unknown machines afresh")
+            data = json.loads(raw)
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
@@ -49,10 +55,10 @@ class Discoveries:
         if not isinstance(data, dict):
             die(f"{self.path}: not a JSON object", hint="delete it to start the list of unknown machines afresh")
         seen = {}
-        for mac, entry in data.items():
+        for mac, entry in list(data.items())[:MAX_MACHINES]:
             if isinstance(mac, str) and _MAC_HYPHEN.fullmatch(mac.replace(":", "-")) and isinstance(entry, dict):
-                seen[mac] = {k: clean(str(v), FIELDS.get(k, 32)) for k, v in entry.items()
-                             if k in FIELDS or k in STAMPS}
+                seen[mac.replace("-", ":")] = {k: clean(str(v), FIELDS.get(k, 32)) for k, v in entry.items()
+                                               if k in FIELDS or k in STAMPS}
         return seen
 
     def record(self, report: dict[str, str]) -> str | None:

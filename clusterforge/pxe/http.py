@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..fsutil import write_atomic
 from ..inventory import BootMode, Cluster
-from ..log import die
+from ..log import UserError, die
 from ..node.seed import NOCLOUD_FILES
 from .discovery import Discoveries
 
@@ -41,6 +41,7 @@ exit
 """
 CHUNK = 1024 * 1024
 MAX_QUERY = 1024  # a discovery report is a few hundred bytes
+MAX_SHOWN = 120  # characters of a request's path in the log
 _MAC_HYPHEN = re.compile(r"[0-9a-f]{2}(?:-[0-9a-f]{2}){5}")
 
 
@@ -99,6 +100,10 @@ def make_handler(cluster: Cluster, rendered: Path, images: Path, discoveries: Di
             ip = self.client_address[0]
             return f"{names[ip]} ({ip})" if ip in names else ip
 
+        def shown(self) -> str:
+            """The request's path for the log: it comes from the network, so escaped and cut."""
+            return repr(self.path[:MAX_SHOWN])[1:-1] + ("..." if len(self.path) > MAX_SHOWN else "")
+
         def log_message(self, format: str, *args: object) -> None:
             pass  # requests are logged once, with what was sent, by reply()
 
@@ -106,6 +111,13 @@ def make_handler(cluster: Cluster, rendered: Path, images: Path, discoveries: Di
             self.do_GET(head=True)
 
         def do_GET(self, head: bool = False) -> None:  # noqa: N802
+            try:
+                self.answer(head)
+            except UserError as exc:  # state/ damaged while serving: say so, keep serving
+                log(f"{self.who()}: {self.shown()}: {exc}")
+                self.reply(500, b"server error (see the PXE server's log)\n", "text/plain", head)
+
+        def answer(self, head: bool) -> None:
             url = urllib.parse.urlsplit(self.path)
             parts = [p for p in url.path.split("/") if p]
             if parts[:1] == ["discover"]:
@@ -151,7 +163,7 @@ def make_handler(cluster: Cluster, rendered: Path, images: Path, discoveries: Di
             if not head:
                 self.wfile.write(body)
             if code != 200:
-                log(f"{self.who()}: {self.path} -> {code}")
+                log(f"{self.who()}: {self.shown()} -> {code}")
 
         def send_file(self, path: Path, head: bool) -> None:
             size = path.stat().st_size
@@ -167,10 +179,10 @@ def make_handler(cluster: Cluster, rendered: Path, images: Path, discoveries: Di
                     self.wfile.flush()
                     self.connection.sendfile(f)
                 except (BrokenPipeError, ConnectionResetError):
-                    log(f"{self.who()}: {self.path} interrupted")
+                    log(f"{self.who()}: {self.shown()} interrupted")
                     return
             if size > CHUNK or path.suffix in (".ipxe", ".efi"):
-                log(f"{self.who()}: sent {self.path} ({size / 2**20:.1f} MiB)")
+                log(f"{self.who()}: sent {self.shown()} ({size / 2**20:.1f} MiB)")
 
     return Handler
 

@@ -6,6 +6,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,106 @@ def test_hostile_discovery_reports(served: tuple[str, list[str]], example: inven
     for line in listed.splitlines():
         assert all(" " <= c <= "~" for c in line)
         assert len(line) < 400
+
+
+# ---------------------------------------------------------------- seeds over the network (issue 11)
+
+def serve(cluster: inventory.Cluster, rendered: Path, state: Path, log: list[str],
+          seeds_by_address: bool = False) -> tuple[HttpServer, str]:
+    handler = make_handler(cluster, rendered, rendered.parent / "images", Discoveries(state, cluster),
+                           Installed(state), log.append, seeds_by_address=seeds_by_address)
+    server = HttpServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def get_from(source: str, base: str, path: str) -> int:
+    """The status of GET path, asked from the local address `source` (any of 127/8 is lo's)."""
+    import http.client
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def test_seed_served_only_while_the_node_is_due_to_install(tmp_path: Path) -> None:
+    """Install nodes: until their install report, and again after pxe.reinstall. Diskless nodes:
+    always (they fetch the seed on every boot)."""
+    import dataclasses
+
+    from clusterforge import render
+
+    from .conftest import EXAMPLE, write_inventory
+
+    text = EXAMPLE.read_text().replace('mac: "52:54:00:00:00:13"', 'mac: "52:54:00:00:00:13"\n    boot: diskless')
+    cluster = inventory.load(write_inventory(tmp_path, text))
+    rendered = render.render(cluster, tmp_path / "dist", tmp_path / "state").path
+    state = tmp_path / "state" / "lab"
+    log: list[str] = []
+    server, base = serve(cluster, rendered, state, log)
+    try:
+        for name in ("s2", "s3"):
+            assert status(f"{base}/lab/nodes/{name}/user-data") == 200
+        for mac in ("52-54-00-00-00-12", "52-54-00-00-00-13"):
+            Installed(state).add(mac)  # s3 cannot report an install, but whatever the file says
+        assert status(f"{base}/lab/nodes/s2/user-data") == 404
+        assert status(f"{base}/lab/nodes/s2/network-config") == 404
+        assert status(f"{base}/lab/nodes/s3/user-data") == 200
+        Installed(state).remove("52-54-00-00-00-12")  # what pxe.reinstall does
+        assert status(f"{base}/lab/nodes/s2/user-data") == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    # dhcp mode: only to the node's own address. Loopback stands in for the cluster LAN: s1 at 127.0.0.11.
+    s1 = dataclasses.replace(cluster.nodes[0], ip=IPv4Address("127.0.0.11"))
+    moved = dataclasses.replace(cluster, nodes=(s1, *cluster.nodes[1:]))
+    server, base = serve(moved, rendered, state, log, seeds_by_address=True)
+    try:
+        assert get_from("127.0.0.11", base, "/lab/nodes/s1/user-data") == 200
+        assert get_from("127.0.0.12", base, "/lab/nodes/s1/user-data") == 404
+        assert get_from("127.0.0.1", base, "/lab/nodes/s1/user-data") == 404
+        assert get_from("127.0.0.11", base, "/lab/nodes/s2/user-data") == 404  # not s1's own seed
+        assert get_from("127.0.0.11", base, "/lab/nodes/s1/seed.iso") == 404  # only what an installer fetches
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_state_damaged_while_serving_is_a_500_and_a_message(example: inventory.Cluster, rendered: Path,
+                                                            state: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    log: list[str] = []
+    server, base = serve(example, rendered, state / "lab", log)
+    try:
+        (state / "lab" / "pxe-installed.json").write_text('{"52-54-00-00-00-11": true}')
+        assert status(f"{base}/lab/pxe/mac/52-54-00-00-00-11.ipxe") == 500
+        (state / "lab" / "discovered.json").write_text("[")
+        assert status(f"{base}/discover?mac=52-54-00-99-99-99") == 500
+        assert status(f"{base}/lab/pxe/boot.ipxe") == 200  # the rest is served on
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert any("pxe-installed.json: not a list of MACs" in line for line in log), log
+    assert any("discovered.json: unreadable" in line for line in log), log
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_request_paths_are_escaped_in_the_log(served: tuple[str, list[str]]) -> None:
+    import socket
+    import urllib.parse
+
+    base, log = served
+    url = urllib.parse.urlsplit(base)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as conn:
+        conn.sendall(b"GET /\x1b[2J\x07" + b"x" * 500 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        reply = b""
+        while chunk := conn.recv(4096):  # until the server closes the connection: it logs before that
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 404")
+    line = next(line for line in log if "-> 404" in line)
+    assert "\\x1b[2J\\x07" in line and "\x1b" not in line and len(line) < 200

@@ -61,9 +61,10 @@ class Status:
     state: State
     reason: str = ""
     since: float = field(default=0.0, compare=False)
+    detail: dict[str, Any] = field(default_factory=dict, compare=False)  # for tools: who holds what
 
     def to_dict(self) -> dict[str, Any]:
-        return {"state": str(self.state), "reason": self.reason, "since": round(self.since, 1)}
+        return {"state": str(self.state), "reason": self.reason, "since": round(self.since, 1), **self.detail}
 
 
 class ServiceModule(Protocol, Generic[F]):
@@ -110,7 +111,7 @@ def run_pass(ctx: Any, services: list[Any], previous: dict[str, Status],
                 status = converge(ctx, service, result, log)
         old = previous.get(service.name)
         since = old.since if old is not None and old == status else time.time()
-        status = Status(status.state, status.reason, since)
+        status = Status(status.state, status.reason, since, status.detail)
         if old is None or old != status:
             log(describe(service.name, status))
         result.statuses[service.name] = status

@@ -11,14 +11,15 @@ import signal
 import sys
 import time
 from types import FrameType
+from typing import Any
 
 from .. import seed as seedlib
-from . import etcd, record, timesync
+from . import etcd, health, record, timesync, vip, wireguard
 from .context import Ctx
 from .core import State, Status, run_pass
 
 # The order the services converge in (DESIGN.md): each needs only what comes before it.
-SERVICES = [timesync, etcd]
+SERVICES = [wireguard, timesync, etcd, vip]
 FAST, SLOW = 2.0, 10.0  # seconds between passes: after a change, and at most when converged
 SEED_WAIT = 5.0
 
@@ -58,14 +59,19 @@ def main() -> int:
             f"({', '.join(str(r) for r in seed.me.roles)})")
         started = time.time()
         publisher = record.Publisher()
+        latest: dict[str, Any] = {}
+        try:
+            health.serve(ctx, latest)
+        except OSError as exc:
+            log(f"agent: the health API cannot listen on port {health.PORT}: {exc}")
         statuses: dict[str, Status] = {}
         interval = FAST
         while True:
             result = run_pass(ctx, SERVICES, statuses, log)
             statuses = result.statuses
-            health = record.build(ctx, result, started)
-            record.write_local(ctx, health)
-            publisher.publish(ctx, health, statuses)
+            latest["record"] = record.build(ctx, result, started)
+            record.write_local(ctx, latest["record"])
+            publisher.publish(ctx, latest["record"], statuses)
             settled = not result.changed and all(
                 s.state in (State.OK, State.OFF, State.DEGRADED) for s in statuses.values())
             interval = min(interval * 2, SLOW) if settled else FAST

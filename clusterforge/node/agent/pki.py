@@ -12,8 +12,6 @@ from ...run import run
 from ..seed import WIREGUARD_SAN
 
 
-
-
 @dataclass(frozen=True)
 class Vouched:
     name: str  # the certificate's common name: the node's name
