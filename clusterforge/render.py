@@ -204,7 +204,8 @@ def seed_files(cluster: Cluster, node: Node, secrets: secrets_mod.ClusterSecrets
         (on[Service.CEPH] and node.has(Role.CORE), seedlib.CEPH_MON_KEY, secrets.ceph_keys["mon."] + "\n"),
         (on[Service.CEPH] and node.has(Role.CORE), seedlib.CEPH_ADMIN_KEY, secrets.ceph_keys["client.admin"] + "\n"),
         (on[Service.CEPH] and node.has(Role.CORE), seedlib.CEPH_MGR_KEY, own.ceph_mgr_key + "\n"),
-        (on[Service.CEPH] and node.has(Role.STORAGE), seedlib.CEPH_BOOTSTRAP_OSD_KEY,
+        # Core nodes put it in the monitors' first auth database; storage nodes use it.
+        (on[Service.CEPH] and (node.has(Role.STORAGE) or node.has(Role.CORE)), seedlib.CEPH_BOOTSTRAP_OSD_KEY,
          secrets.ceph_keys["client.bootstrap-osd"] + "\n"),
     ]
     files += [SeedFile(f"{sec}/{name}", "0600", content) for wanted_, name, content in wanted if wanted_]

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 from types import FrameType
 from typing import Any
 
 from .. import seed as seedlib
-from . import etcd, health, record, timesync, vip, wireguard
+from . import ceph, etcd, health, osd, record, timesync, vip, wireguard
 from .context import Ctx
 from .core import State, Status, run_pass
 
 # The order the services converge in (DESIGN.md): each needs only what comes before it.
-SERVICES = [wireguard, timesync, etcd, vip]
-FAST, SLOW = 2.0, 10.0  # seconds between passes: after a change, and at most when converged
+SERVICES = [wireguard, timesync, etcd, vip, ceph, osd]
+FAST, SLOW = 2.0, 15.0  # seconds between passes: after a change, and at most when converged
+KEEP_EVERY = 5.0
 SEED_WAIT = 5.0
 
 
@@ -50,6 +52,13 @@ def load_seed() -> seedlib.Seed:
         time.sleep(SEED_WAIT)  # cloud-init writes the seed once: there is no event to wait on
 
 
+def keep(publisher: record.Publisher) -> None:
+    """Leases on their own pace, whatever a pass is doing (a pass may wait on a slow command)."""
+    while True:
+        time.sleep(KEEP_EVERY)  # a lease's pace: a third of the shortest TTL
+        publisher.keep()
+
+
 def main() -> int:
     signal.signal(signal.SIGTERM, _stop)
     try:
@@ -58,7 +67,9 @@ def main() -> int:
         log(f"agent: node {seed.me.name} of cluster {seed.cluster.name} "
             f"({', '.join(str(r) for r in seed.me.roles)})")
         started = time.time()
-        publisher = record.Publisher()
+        publisher = record.Publisher(ctx)
+        keeper = threading.Thread(target=keep, args=(publisher,), daemon=True, name="keeper")
+        keeper.start()
         latest: dict[str, Any] = {}
         try:
             health.serve(ctx, latest)
@@ -71,7 +82,7 @@ def main() -> int:
             statuses = result.statuses
             latest["record"] = record.build(ctx, result, started)
             record.write_local(ctx, latest["record"])
-            publisher.publish(ctx, latest["record"], statuses)
+            publisher.publish(latest["record"], statuses)
             settled = not result.changed and all(
                 s.state in (State.OK, State.OFF, State.DEGRADED) for s in statuses.values())
             interval = min(interval * 2, SLOW) if settled else FAST

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from typing import Any
 
@@ -43,21 +44,41 @@ def write_local(ctx: Ctx, record: dict[str, Any]) -> None:
 
 
 class Publisher:
-    """Keeps this node's record in etcd on a lease of its own."""
+    """Keeps this node's record in etcd on a lease of its own. publish() puts the newest
+    record after a pass; keep() (from a thread of its own, every few seconds) keeps the
+    lease alive however long a pass takes, and puts the record again if the lease was lost."""
 
-    def __init__(self) -> None:
+    def __init__(self, ctx: Ctx) -> None:
+        self.ctx = ctx
         self.lease = 0
+        self.record: dict[str, Any] | None = None
+        self._lock = threading.Lock()
 
-    def publish(self, ctx: Ctx, record: dict[str, Any], statuses: dict[str, Status]) -> None:
-        etcd_ok = statuses.get("etcd", Status(State.OFF)).state in (State.OK, State.DEGRADED)
-        if not etcd_ok:
+    def publish(self, record: dict[str, Any], statuses: dict[str, Status]) -> None:
+        if statuses.get("etcd", Status(State.OFF)).state not in (State.OK, State.DEGRADED):
             return
+        with self._lock:
+            self.record = record
+            self._put()
+
+    def keep(self) -> None:
+        with self._lock:
+            if self.record is None:
+                return
+            try:
+                if self.lease and self.ctx.etcd.lease_keepalive(self.lease) > 0:
+                    return
+            except EtcdError:
+                return
+            self._put()
+
+    def _put(self) -> None:
         try:
-            if not self.lease or ctx.etcd.lease_keepalive(self.lease) <= 0:
-                self.lease = ctx.etcd.lease_grant(RECORD_TTL)
-            ctx.etcd.put(HEALTH_PREFIX + ctx.me.name, json.dumps(record), lease=self.lease)
+            if not self.lease or self.ctx.etcd.lease_keepalive(self.lease) <= 0:
+                self.lease = self.ctx.etcd.lease_grant(RECORD_TTL)
+            self.ctx.etcd.put(HEALTH_PREFIX + self.ctx.me.name, json.dumps(self.record), lease=self.lease)
         except EtcdError:
-            self.lease = 0  # next pass grants a new one
+            self.lease = 0  # the next try grants a new one
 
 
 def cluster_records(ctx: Ctx) -> dict[str, dict[str, Any]]:

@@ -26,8 +26,10 @@ needs: tuple[str, ...] = ("etcd",)
 CONFIG = Path("/etc/keepalived/keepalived.conf")
 CHECK = Path("/etc/keepalived/etcd-majority")
 UNIT = "keepalived.service"
-CHECK_SECONDS = 2  # how often keepalived runs the check
-CHECK_TIMEOUT = 4
+# How often keepalived runs the check, and how long it may take: a busy emulated node
+# (an OSD being created) answers slowly, and a slow answer must not move the VIP.
+CHECK_SECONDS = 3
+CHECK_TIMEOUT = 10
 
 
 def applies(ctx: Ctx) -> bool:
@@ -69,7 +71,7 @@ def check_script() -> str:
     # etcdctl (the agent's wrapper: endpoints and certificate) against the local member
     # only: a linearizable read needs the majority.
     return ("#!/bin/sh\n# clusterforge: exit 0 only while this node's etcd member is in the majority.\n"
-            "ETCDCTL_ENDPOINTS=https://127.0.0.1:2379 exec /usr/local/bin/etcdctl --command-timeout=3s "
+            "ETCDCTL_ENDPOINTS=https://127.0.0.1:2379 exec /usr/local/bin/etcdctl --command-timeout=8s "
             "get --consistency=l /clusterforge/vip-check >/dev/null 2>&1\n")
 
 
@@ -92,7 +94,7 @@ vrrp_script etcd_majority {{
     script "{CHECK}"
     interval {CHECK_SECONDS}
     timeout {CHECK_TIMEOUT}
-    fall 2
+    fall 3
     rise 2
 }}
 
