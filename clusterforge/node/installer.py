@@ -30,6 +30,7 @@ from typing import IO
 from ..log import UserError
 from ..run import CommandError, run
 from . import seed as seedlib
+from .agent import k3s
 from .layout import NOCLOUD_SEED_DIR, ROOT_PARTITION
 from .seed import NOCLOUD_FILES
 
@@ -230,6 +231,8 @@ def install_seed(disk: str, files: dict[str, bytes]) -> None:
         for name in NOCLOUD_FILES:
             (seed / name).write_bytes(files[name])
             os.chmod(seed / name, 0o600)
+        if k3s.copy_from_medium(MEDIUM, root):
+            say("copied the K3s air-gap bundle to /var/lib/clusterforge/k3s/")
     run(["sync"])
 
 

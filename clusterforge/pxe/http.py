@@ -5,6 +5,8 @@ Layout served (the same URLs the rendered iPXE scripts use):
     /images/...           dist/images/ (netboot/, the compressed image)
     /discover?mac=..      an unknown machine reporting itself (from menu.ipxe)
     /installed/<mac>      the installer reporting success: that node now boots from its disk
+    /k3s/<file>           the K3s air-gap bundle's two files, when the inventory names one
+                          (nodes fetch it from here; it is never part of the image or a seed)
 
 A node's seed holds its private keys, so it is served only while the node is due to
 install (until its install report; `pxe.reinstall` opens it again), or always to a
@@ -15,17 +17,23 @@ address. Nothing else of a node's folder is served.
 from __future__ import annotations
 
 import http.server
+import io
 import json
 import re
+import shutil
 import sys
+import tarfile
 import threading
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
+from .. import k3sbundle
 from ..fsutil import write_atomic
 from ..inventory import BootMode, Cluster
 from ..log import UserError, die
+from ..node.agent.k3s import URL_DIR as K3S_DIR
 from ..node.seed import NOCLOUD_FILES
 from .discovery import Discoveries
 
@@ -83,6 +91,7 @@ def make_handler(cluster: Cluster, rendered: Path, images: Path, discoveries: Di
     macs = {n.mac_hyphen: n.name for n in cluster.nodes}
     nodes = {n.name: n for n in cluster.nodes}
     roots = {cluster.name: rendered, "images": images}
+    bundle = k3sbundle.require(cluster.services.k3s_bundle) if cluster.services.k3s_bundle else None
 
     def seed_allowed(node_name: str, file: str, client: str) -> bool:
         node = nodes.get(node_name)
@@ -141,6 +150,15 @@ def make_handler(cluster: Cluster, rendered: Path, images: Path, discoveries: Di
             if (len(parts) == 4 and parts[0] == cluster.name and parts[1:3] == ["pxe", "mac"]
                     and parts[3].removesuffix(".ipxe") in installed.all()):
                 return self.reply(200, LOCAL_BOOT, "text/plain", head)
+            if parts[:1] == [K3S_DIR]:
+                if bundle is None or len(parts) != 2 or parts[1] not in bundle.files:
+                    return self.reply(404, b"not found\n", "text/plain", head)
+                try:
+                    with k3sbundle.opened(bundle, parts[1]) as (size, data):
+                        return self.send_stream(size, data, head)
+                except (OSError, tarfile.TarError) as exc:  # the bundle changed under us
+                    log(f"{self.who()}: {self.shown()}: the K3s bundle cannot be read: {exc}")
+                    return self.reply(500, b"server error (see the PXE server's log)\n", "text/plain", head)
             path = self.resolve(parts)
             if path is None:
                 return self.reply(404, b"not found\n", "text/plain", head)
@@ -166,22 +184,26 @@ def make_handler(cluster: Cluster, rendered: Path, images: Path, discoveries: Di
                 log(f"{self.who()}: {self.shown()} -> {code}")
 
         def send_file(self, path: Path, head: bool) -> None:
-            size = path.stat().st_size
+            with open(path, "rb") as f:
+                self.send_stream(path.stat().st_size, f, head, path.suffix in (".ipxe", ".efi"))
+
+        def send_stream(self, size: int, f: IO[bytes], head: bool, noted: bool = False) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(size))
             self.end_headers()
             if head:
                 return
-            with open(path, "rb") as f:
-                try:
-                    # sendfile(2) where the socket allows it: the kernel copies, not Python.
-                    self.wfile.flush()
-                    self.connection.sendfile(f)
-                except (BrokenPipeError, ConnectionResetError):
-                    log(f"{self.who()}: {self.shown()} interrupted")
-                    return
-            if size > CHUNK or path.suffix in (".ipxe", ".efi"):
+            try:
+                self.wfile.flush()
+                if isinstance(getattr(f, "raw", None), io.FileIO):
+                    self.connection.sendfile(f)  # sendfile(2): the kernel copies, not Python
+                else:  # a file inside a tarball
+                    shutil.copyfileobj(f, self.wfile, CHUNK)
+            except (BrokenPipeError, ConnectionResetError):
+                log(f"{self.who()}: {self.shown()} interrupted")
+                return
+            if size > CHUNK or noted:
                 log(f"{self.who()}: sent {self.shown()} ({size / 2**20:.1f} MiB)")
 
     return Handler

@@ -2,8 +2,11 @@
 
 Each node gets its MAC, its seed ISO, a copy-on-write overlay of the built image
 and the data disks its inventory entry names; all share one L2 segment (see
-network.ClusterNet). QEMU outlives the command that started it: every command
-finds the machines again through their run directory, runs/<cluster>/<node>/.
+network.ClusterNet). With a K3s air-gap bundle in the inventory, every node also
+gets it as a read-only drive labelled CF-K3S (an ISO built from the bundle into the
+run directory), so the image stays the same for every cluster. QEMU outlives the
+command that started it: every command finds the machines again through their run
+directory, runs/<cluster>/<node>/.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import k3sbundle
 from ..inventory import BootMode, Cluster, Disk, Node
 from ..log import die, info
 from ..paths import REPO, Paths
@@ -73,6 +77,11 @@ class ClusterVMs:
             self._accel = choose()
         return self._accel
 
+    @property
+    def k3s_drive(self) -> Path:
+        """The K3s bundle as a drive image, shared (read-only) by every node of the cluster."""
+        return self.dir / "k3s-bundle.iso"
+
     # ------------------------------------------------------------ machines
 
     def spec(self, node: Node) -> MachineSpec:
@@ -84,6 +93,8 @@ class ClusterVMs:
         drives += [data_disk(node_dir, i, d) for i, d in enumerate(node.disks)]
         if self.boot == "disk":  # over PXE the seed comes from the server
             drives.append(Drive(self.seeds / "nodes" / node.name / "seed.iso", format="raw", media="cdrom"))
+        if self.cluster.services.k3s_bundle is not None:  # beside the image, never in it
+            drives.append(Drive(self.k3s_drive, format="raw", media="cdrom", readonly=True))
         nic = Nic(node.mac, self.net.netdev(node.name), bootindex=1 if self.boot == "pxe" else None)
         return MachineSpec(name=node.name, memory_mb=sizing.memory_mb, cpus=sizing.cpus,
                            drives=tuple(drives), nics=(nic,), netns=self.net.netns)
@@ -130,6 +141,8 @@ class ClusterVMs:
         if not self.seeds.is_dir():
             die(f"no rendered seeds in {self.seeds}", hint="./forge render (with the same --out)")
         nodes = self.nodes(names)
+        if self.cluster.services.k3s_bundle is not None:
+            k3sbundle.write_drive(k3sbundle.require(self.cluster.services.k3s_bundle), self.k3s_drive)
         self.net.create([n.name for n in self.cluster.nodes])
         if self.boot == "pxe":
             self.start_pxe_server()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -15,10 +16,15 @@ import pytest
 from clusterforge import inventory, render
 from clusterforge.factory import pipeline
 from clusterforge.factory.context import BuildContext
+from clusterforge.paths import Paths
+from clusterforge.run import run
+from clusterforge.vm.cluster import ClusterVMs
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "cluster.yaml"
+LAB = REPO / "qemu" / "lab.yaml"  # the example cluster, with an ext4 disk on s3 that Ceph must not take
 RUNS = REPO / "runs" / "tests"
+FORMATION_TIMEOUT = 1500  # seconds from power-on to check-cluster OK, under TCG on 2 cores
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -53,7 +59,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> tuple[inventory.Cluster, Pa
     """The example cluster rendered with a fresh state: (cluster, rendered dir, state dir)."""
     root = tmp_path_factory.mktemp("lab")
     cluster = inventory.load(EXAMPLE)
-    rendered = render.render(cluster, root / "dist", root / "state")
+    rendered = render.render(cluster, root / "dist", root / "state").path
     return cluster, rendered, root / "state"
 
 
@@ -64,3 +70,55 @@ def rundir(request: pytest.FixtureRequest) -> Iterator[Path]:
         shutil.rmtree(path)
     path.mkdir(parents=True)
     yield path
+
+
+def ext4_disk(path: Path, work: Path) -> None:
+    """A data disk that already holds something: an ext4 filesystem with a file on it."""
+    tree = work / "ext4-tree"
+    tree.mkdir()
+    (tree / "keep-me.txt").write_text("clusterforge must not erase this\n")
+    raw = work / "ext4.raw"
+    with open(raw, "wb") as f:
+        f.truncate(256 * 1024**2)
+    run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(raw)])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)])
+
+
+def collect_logs(vms: ClusterVMs) -> None:
+    """Every node's agent, etcd and Ceph journals beside its console log, for whoever reads a failure."""
+    for node in vms.cluster.nodes:
+        if not vms.machine(node).running:
+            continue
+        out = vms.ssh(node).run("journalctl --no-pager -o short-monotonic -u clusterforge-agent -u clusterforge-etcd "
+                                "-u 'ceph*' -u 'slurm*' -u munge -u keepalived -u chrony -u 'clusterforge-*' "
+                                "| tail -n 3000", check=False, timeout=120)
+        (vms.dir / node.name / "journal.txt").write_text(out.stdout + out.stderr)
+
+
+@pytest.fixture(scope="session")
+def formed(image: pipeline.Artifacts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterVMs]:
+    """The example cluster booted once from the image and formed by its agents (check-cluster OK),
+    shared by every test of tests/vm/test_formed.py; the destructive ones run last."""
+    root = tmp_path_factory.mktemp("formed")
+    paths = Paths(out=root / "dist", state=root / "state", runs=RUNS / "formed")
+    if paths.runs.exists():
+        shutil.rmtree(paths.runs)
+    cluster = inventory.load(LAB, state=paths.state)
+    render.render(cluster, paths.out, paths.state)
+    vms = ClusterVMs(cluster, image.qcow2, paths)
+    ext4_disk(vms.dir / "s3" / "data-1.qcow2", root)
+    try:
+        start = time.monotonic()
+        timeline = vms.up()
+        proc = vms.ssh(cluster.nodes[0]).run(f"check-cluster --wait {FORMATION_TIMEOUT}", check=False,
+                                             timeout=FORMATION_TIMEOUT + 120)
+        took = time.monotonic() - start
+        (vms.dir / "formation.txt").write_text(f"power-on to check-cluster OK: {took:.0f}s\n"
+                                               f"boot timeline: {timeline}\n\n{proc.stdout}{proc.stderr}")
+        print(f"\nformation: power-on to check-cluster OK in {took:.0f}s")
+        assert proc.returncode == 0, f"the cluster did not form:\n{proc.stdout}{proc.stderr}\nlogs: {vms.dir}/"
+        yield vms
+    finally:
+        collect_logs(vms)
+        vms.down(timeout=60)

@@ -14,18 +14,18 @@ files of mode 0600, written by the agent.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...run import CommandError, run
+from ...run import run
 from ..seed import CEPH_ADMIN_KEY, CEPH_BOOTSTRAP_OSD_KEY, CEPH_MGR_KEY, CEPH_MON_KEY, Role, Service
 from . import host
 from .context import Ctx
 from .core import Plan, State, Status, Step, Wait
+from .radoslink import Link, RadosError
 
 name = "ceph"
 needs: tuple[str, ...] = ("time",)
@@ -133,13 +133,6 @@ def bootstrap_osd_keyring(ctx: Ctx) -> str:
     return keyring({"client.bootstrap-osd": (secret(ctx, CEPH_BOOTSTRAP_OSD_KEY), {})})
 
 
-def ceph(*args: str, timeout: float = COMMAND_TIMEOUT, check: bool = True) -> Any:
-    """A ceph command as the admin, its JSON output parsed."""
-    proc = run(["ceph", f"--connect-timeout={CONNECT_TIMEOUT}", *args, "--format=json"], timeout=timeout,
-               check=check)
-    return json.loads(proc.stdout) if proc.returncode == 0 and proc.stdout.strip() else None
-
-
 @dataclass(frozen=True)
 class Facts:
     conf: str | None
@@ -157,17 +150,19 @@ def unit_names(ctx: Ctx) -> tuple[str, ...]:
     return (*TARGETS, f"ceph-mon@{ctx.me.name}.service", f"ceph-mgr@{ctx.me.name}.service")
 
 
+ADMIN = Link("client.admin", ADMIN_KEYRING)
+
+
 def facts(ctx: Ctx) -> Facts:
     core = ctx.me.has(Role.CORE)
     me = ctx.me.name
     status, why, pools = None, "", ()
     if core and ADMIN_KEYRING.exists():
         try:
-            status = ceph("status", timeout=COMMAND_TIMEOUT)
-            if status is not None:
-                pools = tuple(ceph("osd", "pool", "ls", "detail") or ())
-        except CommandError as exc:
-            why = "no monitor quorum answers" if exc.code is None else str(exc).splitlines()[-1][:200]
+            status = ADMIN.command("status")
+            pools = tuple(ADMIN.command("osd pool ls", detail="detail") or ())
+        except RadosError as exc:
+            status, why = None, str(exc)[:200]
     return Facts(
         conf=host.read_text(CONF),
         admin_keyring_ok=not core or host.file_is(ADMIN_KEYRING, admin_keyring(ctx), 0o600),

@@ -14,6 +14,11 @@ etcd unreachable) answers False, with the reason in `why` for the agent's status
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from .etcd_client import (
     EtcdClient,
     EtcdError,
@@ -24,6 +29,18 @@ from .etcd_client import (
 )
 
 LEADER_PREFIX = "/clusterforge/leader/"
+T = TypeVar("T")
+
+
+def _locked(method: Callable[..., T]) -> Callable[..., T]:
+    """The agent's loop and its keeper thread both touch an election: one at a time."""
+
+    @functools.wraps(method)
+    def wrapper(self: Election, *args: Any, **kwargs: Any) -> T:
+        with self._mutex:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class Election:
@@ -37,6 +54,7 @@ class Election:
         self.why = "not campaigned yet"  # one line: why we do not hold it (empty while we do)
         self._lease = 0
         self._token: int | None = None
+        self._mutex = threading.RLock()
 
     @property
     def lease(self) -> int:
@@ -48,6 +66,7 @@ class Election:
         """Our fencing token as of the last campaign()/holding() that returned True; None otherwise."""
         return self._token
 
+    @_locked
     def campaign(self) -> bool:
         """Take the key if it is free, keep it if it is already ours; True when we hold it. Never blocks."""
         try:
@@ -72,6 +91,7 @@ class Election:
             return self._lose("the leader key vanished during the txn")
         return self._judge(kvs[0].value, kvs[0].lease, kvs[0].create_revision)
 
+    @_locked
     def holding(self) -> bool:
         """Keep our lease alive and confirm in etcd that the key is still ours; False means stop acting now."""
         if not self._lease:
@@ -88,6 +108,7 @@ class Election:
             return False
         return self._judge(kv.value, kv.lease, kv.create_revision)
 
+    @_locked
     def resign(self) -> None:
         """Give it up now: revoking the lease deletes the key, so the next campaign() anywhere wins.
 
@@ -97,6 +118,13 @@ class Election:
         self._forget("resigned")
         if lease:
             self.client.lease_revoke(lease)
+
+    @_locked
+    def keep(self) -> bool | None:
+        """For a keeper thread: None when we hold nothing, else holding() (False: stop now)."""
+        if self._token is None:
+            return None
+        return self.holding()
 
     def leader(self) -> tuple[str, int] | None:
         """The current holder and its fencing token, None when nobody holds it.

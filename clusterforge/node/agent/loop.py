@@ -15,12 +15,14 @@ from types import FrameType
 from typing import Any
 
 from .. import seed as seedlib
-from . import ceph, etcd, health, osd, record, timesync, vip, wireguard
+from . import ceph, etcd, health, k3s, munge, osd, record, slurm, slurmctld, timesync, vip, wireguard
 from .context import Ctx
 from .core import State, Status, run_pass
 
 # The order the services converge in (DESIGN.md): each needs only what comes before it.
-SERVICES = [wireguard, timesync, etcd, vip, ceph, osd]
+SERVICES = [wireguard, timesync, etcd, vip, ceph, osd, munge, slurmctld, slurm, k3s]
+# What to do at once when a singleton's lease is found gone between passes.
+ON_LOST = {slurmctld.ELECTION: slurmctld.lost}
 FAST, SLOW = 2.0, 15.0  # seconds between passes: after a change, and at most when converged
 KEEP_EVERY = 5.0
 SEED_WAIT = 5.0
@@ -52,11 +54,19 @@ def load_seed() -> seedlib.Seed:
         time.sleep(SEED_WAIT)  # cloud-init writes the seed once: there is no event to wait on
 
 
-def keep(publisher: record.Publisher) -> None:
-    """Leases on their own pace, whatever a pass is doing (a pass may wait on a slow command)."""
+def keep(ctx: Ctx, publisher: record.Publisher) -> None:
+    """Leases on their own pace, whatever a pass is doing (a pass may wait on a slow command):
+    the health record's, and every singleton's; a holder that finds its lease gone stops at once."""
     while True:
         time.sleep(KEEP_EVERY)  # a lease's pace: a third of the shortest TTL
-        publisher.keep()
+        try:
+            publisher.keep()
+            for name, election in list(ctx.elections.items()):
+                if election.keep() is False and name in ON_LOST:
+                    log(f"{name}: lost the role ({election.why}); stopping now")
+                    ON_LOST[name](ctx)
+        except Exception as exc:  # noqa: BLE001 - the keeper must outlive any one failure
+            log(f"agent: keeper: {exc}")
 
 
 def main() -> int:
@@ -68,7 +78,7 @@ def main() -> int:
             f"({', '.join(str(r) for r in seed.me.roles)})")
         started = time.time()
         publisher = record.Publisher(ctx)
-        keeper = threading.Thread(target=keep, args=(publisher,), daemon=True, name="keeper")
+        keeper = threading.Thread(target=keep, args=(ctx, publisher), daemon=True, name="keeper")
         keeper.start()
         latest: dict[str, Any] = {}
         try:

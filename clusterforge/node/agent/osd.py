@@ -24,10 +24,12 @@ from pathlib import Path
 from ...run import run
 from ..seed import Role, Service
 from . import host
-from .ceph import BOOTSTRAP_OSD_KEYRING, COMMAND_TIMEOUT, CONNECT_TIMEOUT
+from .ceph import BOOTSTRAP_OSD_KEYRING, COMMAND_TIMEOUT
 from .context import Ctx
 from .core import Plan, State, Status, Step, Wait
+from .radoslink import Link
 
+BOOTSTRAP = Link("client.bootstrap-osd", BOOTSTRAP_OSD_KEYRING)
 name = "osd"
 needs: tuple[str, ...] = ("ceph",)
 
@@ -100,11 +102,10 @@ def facts(ctx: Ctx) -> Facts:
             busy=in_use(device) if device and osd is None else "",
             osd=osd, osd_running=osd is not None and units[f"ceph-osd@{osd[0]}.service"].running,
             job=job, job_log=log))
-    probe = run(["ceph", f"--connect-timeout={CONNECT_TIMEOUT}", "--name", "client.bootstrap-osd", "--keyring",
-                 str(BOOTSTRAP_OSD_KEYRING), "mon", "getmap", "-o", "/dev/null"], check=False,
-                timeout=COMMAND_TIMEOUT)
-    why = "" if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["no monitor answers"])[-1][:160]
-    return Facts(tuple(disks), probe.returncode == 0, why)
+    # Asked only when a disk waits for an OSD: the monitors answer the bootstrap-osd key.
+    waiting = any(d.device and d.osd is None and not d.busy and (d.wipe or not d.holds) for d in disks)
+    why = BOOTSTRAP.reachable() if waiting else ""
+    return Facts(tuple(disks), not why, why)
 
 
 def contents(device: str) -> tuple[str, ...]:

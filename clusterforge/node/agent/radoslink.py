@@ -1,0 +1,75 @@
+"""A connection to the Ceph monitors that the agent keeps open between passes.
+
+`ceph status` from the command line starts Python and librados each time: seconds of CPU
+on an emulated machine, every pass. librados itself (python3-rados, from the image's Ceph
+packages) answers the same monitor commands in milliseconds once connected.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CONF = "/etc/ceph/ceph.conf"
+CONNECT_TIMEOUT = 10  # seconds: a monitor quorum that does not answer in this time is not there
+COMMAND_TIMEOUT = 20
+
+
+class RadosError(Exception):
+    pass
+
+
+class Link:
+    def __init__(self, name: str, keyring: Path):
+        self.name = name
+        self.keyring = keyring
+        self._cluster: Any = None
+
+    def _connect(self) -> Any:
+        import rados  # python3-rados: on the nodes only, from the image's Ceph packages
+
+        cluster = rados.Rados(conffile=CONF, name=self.name, conf={"keyring": str(self.keyring)})
+        try:
+            cluster.connect(timeout=CONNECT_TIMEOUT)
+        except rados.Error as exc:
+            try:
+                cluster.shutdown()
+            except rados.Error:
+                pass
+            raise RadosError(f"no monitor quorum answers {self.name} ({exc})") from None
+        return cluster
+
+    def command(self, prefix: str, **args: Any) -> Any:
+        """A monitor command's JSON answer; RadosError when there is no quorum or it refuses."""
+        import rados
+
+        if not Path(CONF).exists() or not self.keyring.exists():
+            raise RadosError(f"not configured yet ({CONF}, {self.keyring})")
+        if self._cluster is None:
+            self._cluster = self._connect()
+        try:
+            ret, out, errs = self._cluster.mon_command(json.dumps({"prefix": prefix, "format": "json", **args}),
+                                                       b"", timeout=COMMAND_TIMEOUT)
+        except rados.Error as exc:
+            self.close()
+            raise RadosError(f"{prefix}: {exc}") from None
+        if ret != 0:
+            raise RadosError(f"{prefix}: {errs or ret}")
+        return json.loads(out) if out else None
+
+    def reachable(self) -> str:
+        """"" when the monitors answer this entity, else why not."""
+        try:
+            self.command("mon stat")
+            return ""
+        except RadosError as exc:
+            return str(exc)
+
+    def close(self) -> None:
+        if self._cluster is not None:
+            try:
+                self._cluster.shutdown()
+            except Exception:  # noqa: BLE001 - a broken connection may fail to close in many ways
+                pass
+            self._cluster = None
