@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,23 +97,40 @@ def collect_logs(vms: ClusterVMs) -> None:
         (vms.dir / node.name / "journal.txt").write_text(out.stdout + out.stderr)
 
 
+FORMED_RUNS = RUNS / "formed"
+
+
+def forge(*args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """A README command as a user types it: ./forge from the repository root."""
+    proc = subprocess.run(["./forge", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"./forge {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def on_formed(*args: str) -> list[str]:
+    """The options that point a cluster.* command at the shared cluster."""
+    return [*args, "--inventory", str(LAB.relative_to(REPO)), "--runs", str(FORMED_RUNS)]
+
+
 @pytest.fixture(scope="session")
 def formed(image: pipeline.Artifacts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterVMs]:
-    """The example cluster booted once from the image and formed by its agents (check-cluster OK),
-    shared by every test of tests/vm/test_formed.py; the destructive ones run last."""
-    root = tmp_path_factory.mktemp("formed")
-    paths = Paths(out=root / "dist", state=root / "state", runs=RUNS / "formed")
-    if paths.runs.exists():
-        shutil.rmtree(paths.runs)
+    """The example cluster (qemu/lab.yaml) booted once by `./forge demo`, as a user would, and
+    formed by its agents (check-cluster OK); shared by every test of tests/vm/test_formed.py,
+    the destructive ones last. Default dist/ and state/; its VMs in runs/tests/formed/."""
+    paths = Paths.resolve(runs=str(FORMED_RUNS))
+    if FORMED_RUNS.exists():
+        shutil.rmtree(FORMED_RUNS)
     cluster = inventory.load(LAB, state=paths.state)
-    render.render(cluster, paths.out, paths.state)
     vms = ClusterVMs(cluster, image.qcow2, paths)
-    ext4_disk(vms.dir / "s3" / "data-1.qcow2", root)
+    ext4_disk(vms.dir / "s3" / "data-1.qcow2", tmp_path_factory.mktemp("ext4"))
     try:
         start = time.monotonic()
-        timeline = vms.up()
-        proc = vms.ssh(cluster.nodes[0]).run(f"check-cluster --wait {FORMATION_TIMEOUT}", check=False,
-                                             timeout=FORMATION_TIMEOUT + 120)
+        demo = forge("demo", "--inventory", str(LAB.relative_to(REPO)), "--runs", str(FORMED_RUNS))
+        timeline = demo.stdout
+        vms = ClusterVMs(inventory.load(LAB, state=paths.state), image.qcow2, paths)
+        proc = vms.ssh(vms.cluster.nodes[0]).run(f"check-cluster --wait {FORMATION_TIMEOUT}", check=False,
+                                                 timeout=FORMATION_TIMEOUT + 120)
         took = time.monotonic() - start
         (vms.dir / "formation.txt").write_text(f"power-on to check-cluster OK: {took:.0f}s\n"
                                                f"boot timeline: {timeline}\n\n{proc.stdout}{proc.stderr}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from clusterforge import inventory, render
+from clusterforge import inventory
 from clusterforge.factory import pipeline
 from clusterforge.factory.context import BuildContext
 from clusterforge.pxe.discovery import Discoveries
@@ -48,42 +47,49 @@ def wait_log(log: Path, text: str, seconds: float) -> None:
         time.sleep(1)
 
 
-def start_server(net: ClusterNet, dist: Path, state: Path, rundir: Path, mode: str) -> subprocess.Popen[bytes]:
-    """`python -m clusterforge.pxe` on the namespace's bridge; its output goes to rundir/server.log."""
+def start_server(net: ClusterNet, rundir: Path, mode: str, *paths: str) -> subprocess.Popen[bytes]:
+    """`./forge pxe.serve` as the README shows it, run from the repository in the namespace of
+    the cluster's bridge; its output goes to rundir/server.log."""
     rundir.mkdir(parents=True, exist_ok=True)
     with open(rundir / "server.log", "w") as out:
         return subprocess.Popen(
-            ["ip", "netns", "exec", net.netns, sys.executable, "-m", "clusterforge.pxe",
-             "--inventory", str(INVENTORY), "--interface", net.bridge, "--mode", mode, "--dist", str(dist),
-             "--state", str(state), "--runs", str(rundir)], stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+            ["ip", "netns", "exec", net.netns, "./forge", "pxe.serve", "--interface", net.bridge,
+             "--inventory", str(INVENTORY.relative_to(REPO)), "--mode", mode, *paths],
+            stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
 
 
 @contextmanager
-def serving(build_ctx: BuildContext, net: ClusterNet, state: Path, rundir: Path, mode: str) -> Iterator[Site]:
-    """The PXE server running on net (already created); stopped on exit, leaving no dnsmasq."""
-    cluster = inventory.load(INVENTORY)
-    render.render(cluster, build_ctx.out, state)  # creates the secrets the nodes' seeds carry
+def serving(net: ClusterNet, state: Path, rundir: Path, mode: str) -> Iterator[Site]:
+    """The PXE server running on net (already created); stopped on exit, leaving no dnsmasq.
+    With the repository's own state/, it runs exactly as typed (default paths)."""
+    cluster = inventory.load(INVENTORY, state=state)
     net.add_address(cluster.network.boot_server)
     log = rundir / "server.log"
-    server = start_server(net, build_ctx.out, state, rundir, mode)
+    paths = [] if state == DEFAULT_STATE else ["--state", str(state)]
+    server = start_server(net, rundir, mode, *paths)
     try:
         deadline = time.monotonic() + 60
         while f"serving cluster {cluster.name}" not in log.read_text():
             assert server.poll() is None, log.read_text()
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
-        yield Site(cluster, net, state, log)
+        yield Site(inventory.load(INVENTORY, state=state), net, state, log)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=30)
-        leftover = subprocess.run(["pgrep", "-f", f"dnsmasq.*{rundir}"], capture_output=True, text=True).stdout
+        leftover = subprocess.run(["pgrep", "-f", f"dnsmasq.*pxe-{cluster.name}"], capture_output=True,
+                                  text=True).stdout
         assert leftover == "", f"dnsmasq left running: {leftover}"
 
 
+DEFAULT_STATE = REPO / "state"
+
+
 @pytest.fixture(scope="module")
-def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One state for both servers: they render the same files into the same dist."""
-    return tmp_path_factory.mktemp("pxe") / "state"
+def state() -> Path:
+    """The repository's own state/, as `./forge pxe.serve` uses it when typed as the README shows;
+    both servers render the same files into the same dist."""
+    return DEFAULT_STATE
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +100,7 @@ def site(build_ctx: BuildContext, state: Path) -> Iterator[Site]:
     net = ClusterNet(cluster.name, cluster.network.subnet, cluster.network.gateway)
     net.create([n.name for n in cluster.nodes] + ["stranger"])
     try:
-        with serving(build_ctx, net, state, RUNS / "pxe-server", "dhcp") as s:
+        with serving(net, state, RUNS / "pxe-server", "dhcp") as s:
             yield s
     finally:
         net.destroy()
@@ -218,15 +224,15 @@ def test_pxe_diskless(site: Site, rundir: Path) -> None:
 def test_unknown_machine_is_discovered(site: Site, rundir: Path) -> None:
     with Machine(pxe_machine(site, "stranger", STRANGER, rundir, "bios", disk=False), rundir):
         wait_log(site.log, f"unknown machine {STRANGER} reported itself", 300)
-    record = Discoveries(site.state, site.cluster).load()[STRANGER]
+    record = Discoveries(site.state / site.cluster.name, site.cluster).load()[STRANGER]
     assert {"platform", "ip", "uuid", "manufacturer", "product"} <= record.keys(), record  # all it reported
-    listed = Discoveries(site.state, site.cluster).as_inventory()
+    listed = Discoveries(site.state / site.cluster.name, site.cluster).as_inventory()
     assert f'- mac: "{STRANGER}"' in listed
 
 
 def test_dhcp_mode_refuses_beside_another_dhcp_server(build_ctx: BuildContext, proxy_net: ProxySite) -> None:
     rundir = proxy_net.rundir / "refused"
-    server = start_server(proxy_net.net, build_ctx.out, proxy_net.state, rundir, "dhcp")
+    server = start_server(proxy_net.net, rundir, "dhcp")
     try:
         code = server.wait(timeout=60)
     except subprocess.TimeoutExpired:  # it served: stop it, and its dnsmasq with it
@@ -242,9 +248,9 @@ def test_dhcp_mode_refuses_beside_another_dhcp_server(build_ctx: BuildContext, p
 def test_proxy_mode_beside_a_router(build_ctx: BuildContext, proxy_net: ProxySite, rundir: Path) -> None:
     """The router hands out the address, the PXE server only the boot instructions: an unknown
     machine gets iPXE's menu from clusterforge and is recorded with the router's address."""
-    with serving(build_ctx, proxy_net.net, proxy_net.state, proxy_net.rundir / "server", "proxy") as site:
+    with serving(proxy_net.net, proxy_net.state, proxy_net.rundir / "server", "proxy") as site:
         with Machine(pxe_machine(site, "stranger", STRANGER, rundir, "bios", disk=False), rundir):
             wait_log(site.log, f"unknown machine {STRANGER} reported itself", 300)
-        record = Discoveries(site.state, site.cluster).load()[STRANGER]
+        record = Discoveries(site.state / site.cluster.name, site.cluster).load()[STRANGER]
     first, last = (IPv4Address(a) for a in proxy_net.router.pool)
     assert first <= IPv4Address(record["ip"]) <= last, record

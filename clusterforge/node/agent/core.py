@@ -64,7 +64,7 @@ class Status:
     detail: dict[str, Any] = field(default_factory=dict, compare=False)  # for tools: who holds what
 
     def to_dict(self) -> dict[str, Any]:
-        return {"state": str(self.state), "reason": self.reason, "since": round(self.since, 1), **self.detail}
+        return {**self.detail, "state": str(self.state), "reason": self.reason, "since": round(self.since, 1)}
 
 
 class ServiceModule(Protocol, Generic[F]):

@@ -112,8 +112,10 @@ def image() -> tuple[Image | None, str]:
     """The image, its watchers and lockers, and the blocklist; None and why when Ceph does not tell."""
     try:
         # `ceph` gives up on the monitors after its connect timeout (rbd would wait minutes).
-        blocklist = json.loads(run(["ceph", f"--connect-timeout={CONNECT_TIMEOUT}", "osd", "blocklist", "ls",
-                                    "--format", "json"], timeout=PROBE_TIMEOUT).stdout or "[]")
+        # Ceph 16 prints two JSON lists back to back: the address blocklist, then the range blocklist.
+        out = run(["ceph", f"--connect-timeout={CONNECT_TIMEOUT}", "osd", "blocklist", "ls", "--format", "json"],
+                  timeout=PROBE_TIMEOUT).stdout
+        blocklist = [entry for value in json_values(out) if isinstance(value, list) for entry in value]
         blocklisted = tuple(str(b.get("addr", "")) for b in blocklist if isinstance(b, dict) and b.get("addr"))
         info = run(["rbd", "info", SPEC, "--format", "json"], check=False, timeout=PROBE_TIMEOUT)
         if info.returncode != 0:
@@ -134,6 +136,19 @@ def image() -> tuple[Image | None, str]:
         lockers=tuple(str(lk.get("address", "")) for lk in locks if lk.get("address")),
         blocklisted=blocklisted,
     ), ""
+
+
+def json_values(text: str) -> list[object]:
+    """Every JSON value in text, one after another (some Ceph commands print several)."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    text = text.strip()
+    while at < len(text):
+        value, end = decoder.raw_decode(text, at)
+        values.append(value)
+        at = end
+        while at < len(text) and text[at].isspace():
+            at += 1
+    return values
 
 
 def holder_token() -> int | None:
