@@ -44,16 +44,29 @@ def render(c, inventory="", out="", state="", rekey=False, verbose=False):
 @task(help=opts("inventory", *PATHS, "verbose"))
 @user_errors
 def demo(c, inventory="", out="", state="", runs="", verbose=False):
-    """The main job on the example inventory: render it, build the image, boot it as a QEMU cluster."""
+    """The main job: render the example inventory, build the image, boot it as a QEMU cluster that
+    forms itself, verify every service, and leave it running."""
     paths = Paths.resolve(out, state, runs)
     render(c, inventory=inventory, out=out, state=state, verbose=verbose)
     cli.print_artifacts(cli.build_image(paths))
+    outcome = cli.verify(inventory, paths, keep=True)
     vms = cli.cluster_vms(inventory, paths)
-    timeline = vms.up()
-    for name, phases in timeline.items():
-        print(f"{name}: " + "  ".join(f"{phase} {t:.0f}s" for phase, t in phases.items()))
-    print(f"\nthe cluster is running: ./forge cluster.status | cluster.ssh s1 | cluster.console s1\n"
-          f"stop it with ./forge cluster.down (logs: {vms.dir}/)")
+    first = vms.cluster.nodes[0].name
+    print(f"\nthe cluster is running{'' if outcome.ok else ' (NOT all healthy: see the report)'}:\n"
+          f"  ./forge cluster.ssh {first}            a root shell on {first} (check-cluster, ceph -s, sinfo ...)\n"
+          f"  ip netns exec {vms.net.netns} curl http://{vms.cluster.network.vip}/status   the status page\n"
+          f"  ./forge cluster.down                stop it (logs: {vms.dir}/)")
+    if not outcome.ok:
+        raise SystemExit(1)
+
+
+@task(help={**opts("inventory", *PATHS, "verbose"), "keep": "leave the cluster running afterwards"})
+@user_errors
+def verify(c, inventory="", out="", state="", runs="", keep=False, verbose=False):
+    """Boot the inventory as a QEMU cluster (or use the running one), wait for it to form, and check
+    every service from inside the nodes; writes <out>/<cluster>/report/report.{json,html}."""
+    if not cli.verify(inventory, Paths.resolve(out, state, runs), keep=keep).ok:
+        raise SystemExit(1)
 
 
 # ---------------------------------------------------------------- image factory
@@ -239,7 +252,7 @@ def sync_agent(c, inventory="", out="", state="", runs="", verbose=False):
     print("agent updated on " + ", ".join(cli.sync_agent(inventory, Paths.resolve(out, state, runs))))
 
 
-namespace = Collection(render, demo, test, image, netboot, iso, usb, release)
+namespace = Collection(render, demo, verify, test, image, netboot, iso, usb, release)
 namespace.add_collection(Collection("pxe", serve, discovered, reinstall))
 namespace.add_collection(Collection("state", forget))
 namespace.add_collection(Collection("cluster", up, status, ssh, console, down, destroy, kill_, start,

@@ -183,6 +183,16 @@ def forget(inventory: str, mac_text: str, paths: Paths) -> str:
     return f"released {record.name} ({record.ip}), kept for {mac}; its keys are deleted"
 
 
+def verify(inventory: str, paths: Paths, keep: bool) -> Any:
+    """Boot (or reuse) the inventory's QEMU cluster and check every service; the Outcome."""
+    from .verify.run import verify as run_verify
+
+    vms = cluster_vms(inventory, paths, fresh=True)
+    outcome = run_verify(vms, paths.rendered(vms.cluster.name) / render.REPORT_DIR, keep=keep)
+    print(f"report: {outcome.html}\n        {outcome.json}")
+    return outcome
+
+
 def sync_agent(inventory: str, paths: Paths) -> list[str]:
     """Lay the node package and overlays of this checkout into the running nodes and restart
     their agents: an agent change tried in a minute, not after an image rebuild (a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -73,6 +74,8 @@ def render(cluster: Cluster, out_root: Path, state_root: Path, site: Site | None
             files = render_files(cluster, secrets, site, previous=final)
             with atomic_path(final) as tmp:
                 write_tree(tmp, files)
+                if (final / REPORT_DIR).is_dir():  # the last verification's report is not rendered: keep it
+                    shutil.copytree(final / REPORT_DIR, tmp / REPORT_DIR)
                 # Before the swap: the tree swapped in never names nodes state/ does not record.
                 _check_records(records, cluster.nodes)
                 records.write(cluster.nodes)
@@ -97,6 +100,8 @@ def _check_records(records: identity.Records, nodes: tuple[Node, ...]) -> None:
                                              "cluster?): run the command again")
             owner[record[index]] = mac
 
+
+REPORT_DIR = "report"  # <out>/<cluster>/report/: written by `./forge verify`, kept across renders
 
 # A rendered tree: relative path -> (content, file mode). Rendering is pure; writing is I/O.
 Files = dict[str, tuple[bytes, int]]

@@ -157,7 +157,8 @@ class ClusterVMs:
             started.append(node)
             info(f"{node.name}: started ({self.accel.name}, {m.spec.cpus} vCPU, {m.spec.memory_mb} MiB)")
         self.wait_ready(started, timeout)
-        timeline = {n.name: self.machine(n).timeline.phases for n in started}
+        timeline = {n.name: {**self.machine(n).timeline.phases, "at": round(self.machine(n).timeline.at, 2)}
+                    for n in started}
         self._record_timeline(timeline)
         for node in started:
             self.machine(node).close()

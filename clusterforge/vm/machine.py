@@ -76,6 +76,7 @@ class Timeline:
 
     started: float = field(default_factory=time.monotonic)
     phases: dict[str, float] = field(default_factory=dict)
+    at: float = field(default_factory=time.time)  # wall-clock power-on, to line up with the nodes' clocks
 
     def mark(self, phase: str) -> None:
         self.phases.setdefault(phase, round(time.monotonic() - self.started, 2))

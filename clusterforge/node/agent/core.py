@@ -94,9 +94,10 @@ class PassResult:
 
 
 def run_pass(ctx: Any, services: list[Any], previous: dict[str, Status],
-             log: Callable[[str], None]) -> PassResult:
+             log: Callable[[str], None], after: Callable[[PassResult], None] = lambda r: None) -> PassResult:
     """One pass over every service, in order. Never raises for a service's trouble: that
-    becomes the service's status, and the next service still runs."""
+    becomes the service's status, and the next service still runs. `after` sees the result
+    so far after each service (a pass of slow steps still shows what it is doing)."""
     result = PassResult()
     start = time.monotonic()
     for service in services:
@@ -115,7 +116,8 @@ def run_pass(ctx: Any, services: list[Any], previous: dict[str, Status],
         if old is None or old != status:
             log(describe(service.name, status))
         result.statuses[service.name] = status
-    result.duration = time.monotonic() - start
+        result.duration = time.monotonic() - start
+        after(PassResult(result.changed, {**previous, **result.statuses}, result.duration))
     return result
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from .. import seed as seedlib
 from . import ceph, etcd, health, k3s, munge, osd, record, slurm, slurmctld, timesync, vip, wireguard
 from .context import Ctx
-from .core import State, Status, run_pass
+from .core import PassResult, State, Status, run_pass
 
 # The order the services converge in (DESIGN.md): each needs only what comes before it.
 SERVICES = [wireguard, timesync, etcd, vip, ceph, osd, munge, slurmctld, slurm, k3s]
@@ -88,11 +88,13 @@ def main() -> int:
         statuses: dict[str, Status] = {}
         interval = FAST
         while True:
-            result = run_pass(ctx, SERVICES, statuses, log)
+            def show(so_far: PassResult) -> None:
+                latest["record"] = record.build(ctx, so_far, started)
+                record.write_local(ctx, latest["record"])
+                publisher.publish(latest["record"], so_far.statuses)
+
+            result = run_pass(ctx, SERVICES, statuses, log, after=show)
             statuses = result.statuses
-            latest["record"] = record.build(ctx, result, started)
-            record.write_local(ctx, latest["record"])
-            publisher.publish(latest["record"], statuses)
             settled = not result.changed and all(
                 s.state in (State.OK, State.OFF, State.DEGRADED) for s in statuses.values())
             interval = min(interval * 2, SLOW) if settled else FAST

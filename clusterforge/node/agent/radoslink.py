@@ -29,9 +29,13 @@ class Link:
     def _connect(self) -> Any:
         import rados  # python3-rados: on the nodes only, from the image's Ceph packages
 
-        cluster = rados.Rados(conffile=CONF, name=self.name, conf={"keyring": str(self.keyring)})
+        # connect()'s own timeout argument is ignored by python3-rados: librados waits for
+        # client_mount_timeout (300 s by default), which would stall a pass for five minutes.
+        cluster = rados.Rados(conffile=CONF, name=self.name, conf={
+            "keyring": str(self.keyring), "client_mount_timeout": str(CONNECT_TIMEOUT),
+            "rados_mon_op_timeout": str(COMMAND_TIMEOUT), "rados_osd_op_timeout": str(COMMAND_TIMEOUT)})
         try:
-            cluster.connect(timeout=CONNECT_TIMEOUT)
+            cluster.connect()
         except rados.Error as exc:
             try:
                 cluster.shutdown()

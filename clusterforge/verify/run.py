@@ -1,0 +1,104 @@
+"""`./forge verify`: boot the inventory as a QEMU cluster (or use the running one), wait for it
+to form, check every service from inside the nodes, and write the report."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..inventory import Role
+from ..log import info
+from ..run import CommandError
+from ..vm.cluster import ClusterVMs
+from . import checks, report
+
+FORMATION_TIMEOUT = 1800.0  # power-on to formed, under TCG on two cores; then what is pending is named
+POLL = 10.0
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    json: Path
+    html: Path
+    results: list[checks.Result]
+    formed_after: float | None
+
+
+def cluster_view(vms: ClusterVMs) -> dict[str, Any] | None:
+    """check-cluster --json from the first core node that answers."""
+    for node in vms.cluster.with_role(Role.CORE):
+        if not vms.machine(node).running:
+            continue
+        try:
+            proc = vms.ssh(node).run("check-cluster --json", check=False, timeout=60)
+            return json.loads(proc.stdout)  # type: ignore[no-any-return]
+        except (CommandError, ValueError):
+            continue
+    return None
+
+
+def wait_formed(vms: ClusterVMs, since: float,
+                timeout: float = FORMATION_TIMEOUT) -> tuple[float | None, dict[str, Any]]:
+    """Until check-cluster says healthy; prints what is still pending as it changes."""
+    deadline = time.monotonic() + timeout
+    said = ""
+    view: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        view = cluster_view(vms) or {"healthy": False, "problems": ["no core node answers yet"]}
+        if view.get("healthy"):
+            return time.monotonic() - since, view
+        pending = "; ".join(view.get("problems", [])[:4])
+        if pending != said:
+            info(f"  forming ({time.monotonic() - since:.0f}s): {pending}")
+            said = pending
+        time.sleep(POLL)  # the agents converge at their own pace
+    return None, view
+
+
+def boot_timeline(vms: ClusterVMs) -> dict[str, dict[str, float]]:
+    path = vms.dir / "timeline.json"
+    return json.loads(path.read_text()) if path.exists() else {}  # type: ignore[no-any-return]
+
+
+def verify(vms: ClusterVMs, out: Path, keep: bool = False) -> Outcome:
+    was_running = all(vms.machine(n).running for n in vms.cluster.nodes)
+    start = time.monotonic()
+    try:
+        if was_running:
+            info(f"verify: cluster {vms.cluster.name} is running; checking it as it is")
+        else:
+            info(f"verify: booting cluster {vms.cluster.name}")
+            vms.up()
+        formed_after, view = wait_formed(vms, start)
+        if formed_after is None:
+            info(f"verify: not formed within {FORMATION_TIMEOUT:.0f}s: " + "; ".join(view.get("problems", [])))
+        else:
+            info(f"verify: formed {formed_after:.0f}s after {'the check began' if was_running else 'power-on'}")
+
+        def progress(r: checks.Result) -> None:
+            info(f"  {r.status:<7} {r.name} ({r.seconds:.0f}s)" + (f": {r.reason}" if r.status != "pass" else ""))
+
+        results = checks.run_all(vms, progress=progress)
+        records = {n["node"]: n for n in (cluster_view(vms) or {}).get("nodes", [])}
+        events = report.timeline(boot_timeline(vms), records)
+        figures: dict[str, Any] = {"power-on to all healthy (s)": None if formed_after is None or was_running
+                                   else round(formed_after)}
+        paths = report.write(out, vms.cluster.name, [r.to_dict() for r in results], events, figures)
+        ok = formed_after is not None and not any(r.status == "fail" for r in results)
+        print(table(results), file=sys.stdout)
+        return Outcome(ok, paths[0], paths[1], results, formed_after)
+    finally:
+        if not (was_running or keep):
+            vms.down()
+
+
+def table(results: list[checks.Result]) -> str:
+    width = max(len(r.name) for r in results)
+    lines = [f"{'check':<{width}}  result   why"]
+    lines += [f"{r.name:<{width}}  {r.status:<7}  {r.reason}" for r in results]
+    return "\n".join(lines)
