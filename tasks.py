@@ -60,12 +60,13 @@ def demo(c, inventory="", out="", state="", runs="", verbose=False):
         raise SystemExit(1)
 
 
-@task(help={**opts("inventory", *PATHS, "verbose"), "keep": "leave the cluster running afterwards"})
+@task(help={**opts("inventory", *PATHS, "verbose"), "keep": "leave the cluster running afterwards",
+            "faults": "then power off, cut off, pause and power-cycle nodes, timing each recovery"})
 @user_errors
-def verify(c, inventory="", out="", state="", runs="", keep=False, verbose=False):
+def verify(c, inventory="", out="", state="", runs="", keep=False, faults=False, verbose=False):
     """Boot the inventory as a QEMU cluster (or use the running one), wait for it to form, and check
     every service from inside the nodes; writes <out>/<cluster>/report/report.{json,html}."""
-    if not cli.verify(inventory, Paths.resolve(out, state, runs), keep=keep).ok:
+    if not cli.verify(inventory, Paths.resolve(out, state, runs), keep=keep, faults=faults).ok:
         raise SystemExit(1)
 
 
@@ -105,11 +106,13 @@ def usb(c, inventory="", out="", state="", verbose=False):
     cli.print_artifacts(cli.build_installers(inventory, Paths.resolve(out, state)))
 
 
-@task(help=opts("inventory", "out", "state", "verbose"))
+@task(help={**opts("inventory", *PATHS, "verbose"),
+            "no_verify": "publish without verifying (the manifest then says 'not verified')"})
 @user_errors
-def release(c, inventory="", out="", state="", verbose=False):
-    """Build everything and put it with SHA256SUMS and manifest.json into <out>/release/<build-id>/."""
-    print(cli.release(inventory, Paths.resolve(out, state)))
+def release(c, inventory="", out="", state="", runs="", no_verify=False, verbose=False):
+    """Build everything, verify the image on the example cluster (with faults), and put it with its
+    report, SHA256SUMS and manifest.json into <out>/release/<build-id>/."""
+    print(cli.release(inventory, Paths.resolve(out, state, runs), verified=not no_verify))
 
 
 # ---------------------------------------------------------------- pxe.* and state.*

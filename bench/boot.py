@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clusterforge import inventory, render  # noqa: E402
 from clusterforge.factory.context import BuildContext  # noqa: E402
 from clusterforge.factory.pipeline import build_image  # noqa: E402
+from clusterforge.paths import Paths  # noqa: E402
 from clusterforge.vm.cluster import ClusterVMs  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,7 +27,7 @@ def measure(vms: ClusterVMs, names: list[str]) -> None:
     timeline = vms.up(names)
     wall = time.monotonic() - start
     for name in names:
-        phases = "  ".join(f"{phase} {t:6.1f}s" for phase, t in timeline[name].items())
+        phases = "  ".join(f"{phase} {t:6.1f}s" for phase, t in timeline[name].items() if phase != "at")
         print(f"  {name}: {phases}")
     print(f"  all {len(names)} answering SSH after {wall:.1f}s "
           f"({vms.accel.name}, {vms.spec(vms.cluster.nodes[0]).cpus} vCPU, "
@@ -39,11 +40,12 @@ def main() -> None:
     cluster = inventory.load(REPO / "examples" / "cluster.yaml")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        seeds = render.render(cluster, root / "dist", root / "state")
+        render.render(cluster, root / "dist", root / "state")
         print("single node:")
-        measure(ClusterVMs(cluster, image, seeds, root / "state", root / "runs-1"), ["s1"])
+        measure(ClusterVMs(cluster, image, Paths(root / "dist", root / "state", root / "runs-1")), ["s1"])
         print("three nodes at once:")
-        measure(ClusterVMs(cluster, image, seeds, root / "state", root / "runs-3"), ["s1", "s2", "s3"])
+        measure(ClusterVMs(cluster, image, Paths(root / "dist", root / "state", root / "runs-3")),
+                ["s1", "s2", "s3"])
 
 
 if __name__ == "__main__":

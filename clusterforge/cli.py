@@ -113,11 +113,20 @@ def build_installers(inventory: str, paths: Paths) -> Artifacts:
     return build_installers(build_context(paths), cluster, rendered)
 
 
-def release(inventory: str, paths: Paths) -> Path:
+def release(inventory: str, paths: Paths, verified: bool = True) -> Path:
+    """The release, after its image has passed `verify --faults` on the example cluster;
+    nothing is published when it fails."""
     from .factory.release import make_release
 
     artifacts = build_installers(inventory, paths)
-    return make_release(build_context(paths), load(inventory, paths), artifacts)
+    proof = None
+    if verified:
+        outcome = verify(str(DEFAULT_INVENTORY), paths, keep=False, faults=True)
+        if not outcome.ok:
+            die("the image failed its verification: nothing was published",
+                hint=f"the report: {outcome.html}")
+        proof = (outcome.json, outcome.html)
+    return make_release(build_context(paths), load(inventory, paths), artifacts, proof)
 
 
 def pxe_server(inventory: str, interface: str, mode: str, paths: Paths) -> PxeServer:
@@ -183,12 +192,12 @@ def forget(inventory: str, mac_text: str, paths: Paths) -> str:
     return f"released {record.name} ({record.ip}), kept for {mac}; its keys are deleted"
 
 
-def verify(inventory: str, paths: Paths, keep: bool) -> Any:
+def verify(inventory: str, paths: Paths, keep: bool, faults: bool = False) -> Any:
     """Boot (or reuse) the inventory's QEMU cluster and check every service; the Outcome."""
     from .verify.run import verify as run_verify
 
     vms = cluster_vms(inventory, paths, fresh=True)
-    outcome = run_verify(vms, paths.rendered(vms.cluster.name) / render.REPORT_DIR, keep=keep)
+    outcome = run_verify(vms, paths.rendered(vms.cluster.name) / render.REPORT_DIR, keep=keep, faults=faults)
     print(f"report: {outcome.html}\n        {outcome.json}")
     return outcome
 

@@ -36,7 +36,10 @@ def installed_packages(raw: Path) -> dict[str, str]:
     return dict(line.split("\t", 1) for line in out.splitlines() if line)
 
 
-def make_release(ctx: BuildContext, cluster: Cluster, artifacts: Artifacts) -> Path:
+def make_release(ctx: BuildContext, cluster: Cluster, artifacts: Artifacts,
+                 proof: tuple[Path, Path] | None = None) -> Path:
+    """proof: the verification's report.json and report.html, shipped (and checksummed) with
+    the artifacts; None when the release was made with --no-verify (the manifest says so)."""
     inputs = {
         "rootfs": read_stamp(ctx.rootfs_dir), "base_disk": read_stamp(ctx.base_disk),
         "qcow2": read_stamp(artifacts.qcow2), "raw": read_stamp(artifacts.raw),
@@ -50,6 +53,8 @@ def make_release(ctx: BuildContext, cluster: Cluster, artifacts: Artifacts) -> P
     files += [p for p in (artifacts.image_gz, artifacts.iso, artifacts.usb) if p]
     if artifacts.netboot:
         files += sorted(artifacts.netboot.iterdir())
+    if proof is not None:
+        files += list(proof)
     with stage(f"release {build_id}"), atomic_path(out) as tmp:
         tmp.mkdir()
         sums, listed = [], []
@@ -69,6 +74,8 @@ def make_release(ctx: BuildContext, cluster: Cluster, artifacts: Artifacts) -> P
             "build_id": build_id, "image": ctx.name, "cluster": cluster.name,
             "inputs": inputs, "artifacts": listed,
             "packages": installed_packages(artifacts.raw),
+            "verification": (json.loads(proof[0].read_text()).get("verdict", "?") + ": see report.html")
+            if proof is not None else "not verified",
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out

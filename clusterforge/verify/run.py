@@ -65,7 +65,7 @@ def boot_timeline(vms: ClusterVMs) -> dict[str, dict[str, float]]:
     return json.loads(path.read_text()) if path.exists() else {}  # type: ignore[no-any-return]
 
 
-def verify(vms: ClusterVMs, out: Path, keep: bool = False) -> Outcome:
+def verify(vms: ClusterVMs, out: Path, keep: bool = False, faults: bool = False) -> Outcome:
     was_running = all(vms.machine(n).running for n in vms.cluster.nodes)
     start = time.monotonic()
     try:
@@ -85,7 +85,22 @@ def verify(vms: ClusterVMs, out: Path, keep: bool = False) -> Outcome:
 
         results = checks.run_all(vms, progress=progress)
         records = {n["node"]: n for n in (cluster_view(vms) or {}).get("nodes", [])}
-        events = report.timeline(boot_timeline(vms), records)
+        boot = boot_timeline(vms)
+        if faults and not any(r.status == "fail" for r in results):
+            from .faults import run_faults
+
+            results += run_faults(vms, progress=progress)
+        events = report.timeline(boot, records)
+        power_on = min((p.get("at", 0) for p in boot.values()), default=0)
+        fault_lane = {}
+        for r in results:
+            if r.service == "faults" and power_on:
+                label = r.name.split(":")[0]
+                fault_lane[label] = round(r.started - power_on, 1)
+                if "recovery_seconds" in r.extra:
+                    fault_lane[f"{label} healthy"] = round(r.started - power_on + r.seconds, 1)
+        if fault_lane:
+            events["faults"] = fault_lane
         figures: dict[str, Any] = {"power-on to all healthy (s)": None if formed_after is None or was_running
                                    else round(formed_after)}
         paths = report.write(out, vms.cluster.name, [r.to_dict() for r in results], events, figures)

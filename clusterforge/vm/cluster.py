@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import k3sbundle
-from ..inventory import BootMode, Cluster, Disk, Node
+from ..inventory import BootMode, Cluster, Disk, Node, Role
 from ..log import die, info
 from ..paths import REPO, Paths
 from ..run import run, spawn
@@ -42,12 +42,28 @@ class Sizing:
     cpus: int
 
 
-def size_for(nodes: int, accel: Accel) -> Sizing:
-    """Share the host between the nodes: half its memory, its cores (at least one each)."""
+# The memory a node needs for its roles (README: memory per role): a Ceph monitor, manager and
+# OSD with its cache fit in 3 GiB; a node without Ceph daemons needs far less.
+MIN_MEMORY_MB = {"ceph": 3072, "other": 1024}
+MAX_MEMORY_MB = 4096
+HOST_SHARE = 0.75  # of the host's memory, for all the nodes together
+
+
+def memory_needed(node: Node, cluster: Cluster) -> int:
+    ceph = cluster.services.ceph and (node.has(Role.CORE) or (node.has(Role.STORAGE) and node.disks))
+    return MIN_MEMORY_MB["ceph" if ceph else "other"]
+
+
+def size_for(node: Node, cluster: Cluster, accel: Accel) -> Sizing:
+    """Each node the memory its roles need, and a fair share of what is left of three quarters
+    of the host's memory (at most 4 GiB); the host's cores shared out (at least one each)."""
     total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    nodes = max(len(cluster.nodes), 1)
+    needs = {n.name: memory_needed(n, cluster) for n in cluster.nodes}
+    spare = max(0, int(total_mb * HOST_SHARE) - sum(needs.values())) // nodes
+    memory = min(MAX_MEMORY_MB, needs.get(node.name, MIN_MEMORY_MB["other"]) + spare)
     cores = os.cpu_count() or 1
-    memory = max(1024, min(4096, total_mb // 2 // max(nodes, 1)))
-    cpus = max(1, min(4 if accel.is_kvm else 2, cores // max(nodes, 1)))
+    cpus = max(1, min(4 if accel.is_kvm else 2, cores // nodes))
     return Sizing(memory, cpus)
 
 
@@ -85,7 +101,7 @@ class ClusterVMs:
     # ------------------------------------------------------------ machines
 
     def spec(self, node: Node) -> MachineSpec:
-        sizing = size_for(len(self.cluster.nodes), self.accel)
+        sizing = size_for(node, self.cluster, self.accel)
         node_dir = self.dir / node.name
         drives = []
         if not (self.boot == "pxe" and node.boot == BootMode.DISKLESS):

@@ -10,6 +10,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from clusterforge.verify import faults
+from clusterforge.verify.checks import Probe
 from clusterforge.vm.cluster import ClusterVMs
 
 from .conftest import FORMED_RUNS, REPO, forge, on_formed
@@ -180,31 +184,15 @@ def test_partitioned_vip_holder_drops_it_and_another_takes_it(formed: ClusterVMs
     assert len(vip_holders(formed)) == 1
 
 
-def slurm_controller(vms: ClusterVMs) -> str:
-    return sh(vms, "s1", "etcdctl get /clusterforge/leader/slurmctld --print-value-only", check=False).strip()
-
-
-def test_slurm_controller_fails_over_and_keeps_its_jobs(formed: ClusterVMs) -> None:
-    controller = slurm_controller(formed)
-    others = [n for n in names(formed) if n != controller]
-    job = sh(formed, others[0], "sbatch --parsable -N1 -w " + others[1] + " --wrap "
-                                "'sleep 120; hostname > /root/slurm-job.out'").strip()
-    wait_for("the job running", lambda: sh(formed, others[0], f"squeue -h -j {job} -o %T") == "RUNNING\n", seconds=120)
-    forge(*on_formed("cluster.kill", controller))
-    killed = time.monotonic()
-    wait_for("another controller answers", lambda: "UP" in sh(formed, others[0], "scontrol ping", check=False),
-             seconds=300, every=1)
-    failover = time.monotonic() - killed
-    print(f"\nSLURM controller failover: {failover:.0f}s ({controller} powered off)")
-    new = slurm_controller(formed)
-    assert new in others
-    wait_for("the job completed", lambda: "JobState=COMPLETED" in sh(formed, others[0], f"scontrol show job {job}",
-                                                                    check=False), seconds=600)
-    assert sh(formed, others[1], "cat /root/slurm-job.out").strip() == others[1]
-    assert sorted(sh(formed, others[0], f"srun -N2 -w {','.join(others)} hostname", timeout=300).split()) == others
-    forge(*on_formed("cluster.start", controller))
-    wait_for("healthy again with no action", lambda: formed.ssh(formed.cluster.node(controller)).run(
-        "check-cluster", check=False).returncode == 0, seconds=DEADLINE)
+def test_fault_1_power_off_the_slurm_controller(formed: ClusterVMs) -> None:
+    """`verify --faults`'s first fault, on the shared cluster: the core node running slurmctld is
+    powered off with a batch job running elsewhere; etcd keeps quorum, the VIP is on one live
+    core node, Ceph reads and writes, another controller takes over, the job completes and a new
+    one runs; the node is started again and the cluster is fully healthy with no action."""
+    result = faults.fault_power_off(formed, Probe(formed))
+    print(f"\nSLURM controller failover: {result.extra['failover_seconds']}s; fully healthy again "
+          f"{result.extra['recovery_seconds']}s after powering off {result.extra['node']}")
+    assert result.status == "pass", result.reason
 
 
 def test_a_rebooted_storage_node_comes_back_with_no_action(formed: ClusterVMs) -> None:
@@ -215,6 +203,16 @@ def test_a_rebooted_storage_node_comes_back_with_no_action(formed: ClusterVMs) -
     wait_for("HEALTH_OK after the reboot",
              lambda: ceph_status(formed)["health"]["status"] == "HEALTH_OK" and
              ceph_status(formed)["osdmap"]["num_up_osds"] == 3, seconds=DEADLINE)
+
+
+@pytest.mark.all_only
+@pytest.mark.parametrize("fault", [2, 3, 4])
+def test_faults_2_to_4(formed: ClusterVMs, fault: int) -> None:
+    """`verify --faults` 2-4 on the shared cluster: a node cut off, every node paused 60 s, every
+    node power-cycled at once; each back to fully healthy with no action (./forge test --all)."""
+    result = faults.run_faults(formed, which=(fault,))[0]
+    print(f"\n{result.name}: {result.reason}")
+    assert result.status == "pass", result.reason + "\n" + result.evidence
 
 
 def test_cluster_commands_as_typed(formed: ClusterVMs) -> None:

@@ -233,7 +233,10 @@ def plan_pool(ctx: Ctx, f: Facts) -> Plan:
         return [Step("ceph: set the rbd pool's replicas", f"{pool.get('size')} -> {size}",
                      lambda: run(["ceph", "osd", "pool", "set", POOL, "size", str(size), *extra],
                                  timeout=COMMAND_TIMEOUT))]
-    if "rbd" not in (pool.get("application_metadata") or {}):
+    osdmap = (f.status or {}).get("osdmap", {})
+    up = osdmap.get("osdmap", osdmap).get("num_up_osds", 0)
+    if "rbd" not in (pool.get("application_metadata") or {}) and up >= min(size, 2):
+        # It writes to the pool: only once enough OSDs are up for its placement groups to be active.
         return [Step("ceph: initialise the rbd pool", "RBD images live there",
                      lambda: run(["rbd", "pool", "init", POOL], timeout=COMMAND_TIMEOUT))]
     return []

@@ -31,7 +31,9 @@ from .radoslink import Link
 
 BOOTSTRAP = Link("client.bootstrap-osd", BOOTSTRAP_OSD_KEYRING)
 name = "osd"
-needs: tuple[str, ...] = ("ceph",)
+# Not "ceph": the pool waits for OSDs, so OSDs must not wait for the pool. An OSD needs the
+# configuration and the monitors, which facts() checks itself (the bootstrap-osd key answers).
+needs: tuple[str, ...] = ("time",)
 
 LOG_LINES = 3
 

@@ -1,0 +1,74 @@
+"""Formation of the example cluster under QEMU, from one run: one node booted alone to
+multi-user; the three-node cluster from power-on to all healthy (check-cluster OK); their
+ratio (goal at most 2.5); each service's time to healthy; the agent's CPU seconds per node.
+
+Run: .venv/bin/python bench/formation.py   (needs ./forge image; root for the cluster network)
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from clusterforge import inventory, render  # noqa: E402
+from clusterforge.factory.context import BuildContext  # noqa: E402
+from clusterforge.factory.pipeline import build_image  # noqa: E402
+from clusterforge.paths import Paths  # noqa: E402
+from clusterforge.verify import report  # noqa: E402
+from clusterforge.verify.run import boot_timeline, cluster_view, wait_formed  # noqa: E402
+from clusterforge.vm.cluster import ClusterVMs  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def agent_cpu(vms: ClusterVMs) -> dict[str, float]:
+    """CPU seconds of each node's agent, the commands it ran included (its cgroup's)."""
+    seconds = {}
+    for node in vms.cluster.nodes:
+        out = vms.ssh(node).run("systemctl show clusterforge-agent -p CPUUsageNSec --value").stdout
+        seconds[node.name] = int(out.strip()) / 1e9
+    return seconds
+
+
+def main() -> None:
+    image = build_image(BuildContext.create()).qcow2
+    cluster = inventory.load(REPO / "examples" / "cluster.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        render.render(cluster, root / "dist", root / "state")
+        alone = ClusterVMs(cluster, image, Paths(root / "dist", root / "state", root / "runs-1"))
+        single = alone.up(["s1"])["s1"]["multi-user"]
+        alone.down(timeout=60)
+        print(f"one node alone, power-on to multi-user:      {single:7.1f} s", flush=True)
+
+        vms = ClusterVMs(cluster, image, Paths(root / "dist", root / "state", root / "runs-3"))
+        start = time.monotonic()
+        try:
+            vms.up()
+            formed, view = wait_formed(vms, start)
+            if formed is None:
+                print(f"the cluster did not form: {view.get('problems')}")
+                return
+            print(f"three nodes, power-on to all healthy:       {formed:7.1f} s")
+            print(f"ratio (goal at most 2.5):                    {formed / single:7.2f}")
+            records = {n["node"]: n for n in (cluster_view(vms) or {}).get("nodes", [])}
+            events = report.timeline(boot_timeline(vms), records)
+            services = sorted({k for ev in events.values() for k in ev if k.endswith(" healthy")},
+                              key=lambda k: max(ev.get(k, 0) for ev in events.values()))
+            print("each service healthy on every node, after power-on:")
+            for service in services:
+                last = max(ev.get(service, 0) for ev in events.values())
+                print(f"  {service.removesuffix(' healthy'):<10} {last:7.1f} s")
+            cpu = agent_cpu(vms)
+            print("agent CPU seconds per node (with the commands it ran), from power-on to now: "
+                  + ", ".join(f"{n} {s:.1f}" for n, s in cpu.items()))
+        finally:
+            vms.down(timeout=60)
+
+
+if __name__ == "__main__":
+    main()

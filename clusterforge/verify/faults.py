@@ -1,0 +1,173 @@
+"""`./forge verify --faults`: once the cluster is healthy, break it four ways, in order, and
+time how long it takes to be fully healthy again with no action:
+
+1. hard power-off of one core node (the SLURM controller's): etcd keeps quorum, the VIP is
+   on one live core node, SLURM runs a job, Ceph serves reads and writes (degraded allowed);
+   then the node is started again;
+2. one node cut off (link down): no split brain (one VIP holder, one slurmctld, etcd writes
+   refused on the cut-off node, looked at through the guest agent); then healed;
+3. every node paused for 60 s and resumed (a clock jump);
+4. every node power-cycled at once: the cluster reassembles.
+
+A fault whose recovery does not come within its limit fails, naming what is still unhealthy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ..inventory import Node, Role
+from ..vm.cluster import ClusterVMs
+from .checks import Failed, Probe, Result, core
+from .run import wait_formed
+
+RECOVERY_LIMIT = 900.0  # seconds to fully healthy after a fault, under TCG
+PAUSE_SECONDS = 60
+STEP = 5.0
+
+
+def until(what: str, probe: Callable[[], object], seconds: float = 300, every: float = STEP) -> object:
+    deadline = time.monotonic() + seconds
+    last: object = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(every)  # the cluster reacts at its own pace: look again
+    raise Failed(f"{what}: not within {seconds:.0f}s", str(last)[-1500:])
+
+
+def controller(vms: ClusterVMs, p: Probe, asked: Node) -> str:
+    return p.sh(asked, "etcdctl get /clusterforge/leader/slurmctld --print-value-only", check=False).strip()
+
+
+def vip_holders(vms: ClusterVMs, p: Probe, among: list[Node]) -> list[str]:
+    vip = str(vms.cluster.network.vip)
+    return [n.name for n in among if f" {vip}/" in p.sh(n, "ip -4 -o addr show", check=False)]
+
+
+def recover(vms: ClusterVMs, since: float) -> float:
+    took, view = wait_formed(vms, since, timeout=RECOVERY_LIMIT)
+    if took is None:
+        raise Failed(f"not fully healthy within {RECOVERY_LIMIT:.0f}s: " + "; ".join(view.get("problems", [])[:5]))
+    return took
+
+
+def power_off(vms: ClusterVMs, p: Probe) -> tuple[str, float]:
+    nodes = core(vms)
+    victim_name = controller(vms, p, nodes[0]) or nodes[0].name
+    victim = vms.cluster.node(victim_name)
+    live = [n for n in nodes if n != victim]
+    asker = live[0]
+    job = ""
+    if vms.cluster.services.slurm:
+        # A job that runs a while and writes a file, on a node that stays up.
+        job = p.sh(asker, f"sbatch --parsable -N1 --exclude={victim.name} -o /root/fault-job.out "
+                          "--wrap 'sleep 60; hostname'").strip()
+    vms.kill(victim.name)
+    start = time.monotonic()
+    failover = 0.0
+    if vms.cluster.services.slurm:
+        until("another SLURM controller answering", lambda: "UP" in p.sh(asker, "scontrol ping", check=False),
+              seconds=300, every=1)
+        failover = time.monotonic() - start
+    p.sh(asker, f"etcdctl put /clusterforge/fault-check {int(time.time())}")  # quorum kept
+    until("the VIP on exactly one live core node", lambda: len(vip_holders(vms, p, live)) == 1)
+    if vms.cluster.services.ceph:
+        p.sh(asker, "rbd create rbd/fault-check --size 64 && dev=$(rbd map rbd/fault-check) && "
+                    "dd if=/dev/urandom of=$dev bs=1M count=16 oflag=direct status=none && "
+                    "dd if=$dev of=/dev/null bs=1M count=16 iflag=direct status=none && rbd unmap $dev && "
+                    "rbd rm rbd/fault-check", timeout=600)
+    if vms.cluster.services.slurm:
+        until(f"job {job} completed", lambda: "JobState=COMPLETED" in p.sh(asker, f"scontrol show job {job}",
+                                                                          check=False), seconds=600)
+        compute = [n.name for n in vms.cluster.with_role(Role.COMPUTE) if n != victim]
+        if compute:
+            p.sh(asker, f"srun -N1 -w {compute[0]} hostname", timeout=300)  # and a new job runs
+    vms.start(victim.name)
+    return victim.name, failover
+
+
+def fault_power_off(vms: ClusterVMs, p: Probe) -> Result:
+    start = time.monotonic()
+    victim, failover = power_off(vms, p)
+    took = recover(vms, start)
+    return Result("fault 1: hard power-off of a core node", "faults", "pass",
+                  f"{victim} off: quorum kept, VIP on one node, Ceph read and write, another SLURM controller "
+                  f"after {failover:.0f}s, the job done; fully healthy {took:.0f}s after the power-off",
+                  extra={"recovery_seconds": round(took), "failover_seconds": round(failover), "node": victim})
+
+
+def fault_partition(vms: ClusterVMs, p: Probe) -> Result:
+    nodes = core(vms)
+    victim = vms.cluster.node(vip_holders(vms, p, nodes)[0]) if vip_holders(vms, p, nodes) else nodes[0]
+    live = [n for n in nodes if n != victim]
+    machine = vms.machine(victim).attach()
+    start = time.monotonic()
+    try:
+        machine.set_link(False)
+        until("one VIP holder among the others", lambda: len(vip_holders(vms, p, live)) == 1)
+        guest = machine.guest
+        until(f"{victim.name} drops the VIP", lambda: f" {vms.cluster.network.vip}/" not in guest.run(
+            ["ip", "-4", "-o", "addr", "show"]).stdout)
+        refused = guest.run(["etcdctl", "--command-timeout=5s", "put", "/clusterforge/fault-check", "minority"])
+        if refused.returncode == 0:
+            raise Failed(f"{victim.name}, cut off, could still write to etcd", refused.stdout + refused.stderr)
+        if vms.cluster.services.slurm:
+            def controllers() -> int:
+                outside = sum(p.sh(n, "systemctl is-active slurmctld", check=False).strip() == "active" for n in live)
+                return outside + int(guest.run(["systemctl", "is-active", "slurmctld"]).stdout.strip() == "active")
+
+            until("exactly one slurmctld", lambda: controllers() == 1, seconds=300)
+    finally:
+        machine.set_link(True)
+        machine.close()
+    took = recover(vms, start)
+    return Result("fault 2: a node cut off, then healed", "faults", "pass",
+                  f"{victim.name} cut off: one VIP holder, one slurmctld, its etcd writes refused; fully healthy "
+                  f"{took:.0f}s after the cut", extra={"recovery_seconds": round(took), "node": victim.name})
+
+
+def fault_pause(vms: ClusterVMs, p: Probe) -> Result:
+    vms.pause(True)
+    time.sleep(PAUSE_SECONDS)  # the fault itself: every node frozen this long
+    start = time.monotonic()
+    vms.pause(False)
+    took = recover(vms, start)
+    return Result(f"fault 3: every node paused {PAUSE_SECONDS}s", "faults", "pass",
+                  f"fully healthy {took:.0f}s after resuming", extra={"recovery_seconds": round(took)})
+
+
+def fault_power_cycle(vms: ClusterVMs, p: Probe) -> Result:
+    for node in vms.cluster.nodes:
+        vms.kill(node.name)
+    start = time.monotonic()
+    vms.up()
+    took = recover(vms, start)
+    return Result("fault 4: every node power-cycled at once", "faults", "pass",
+                  f"reassembled, fully healthy {took:.0f}s after power-on", extra={"recovery_seconds": round(took)})
+
+
+FAULTS = (fault_power_off, fault_partition, fault_pause, fault_power_cycle)
+
+
+def run_faults(vms: ClusterVMs, which: tuple[int, ...] = (1, 2, 3, 4),
+               progress: Callable[[Result], None] = lambda r: None) -> list[Result]:
+    results = []
+    for number, fault in enumerate(FAULTS, 1):
+        if number not in which:
+            continue
+        probe = Probe(vms)
+        started = time.time()
+        try:
+            result = fault(vms, probe)
+        except Failed as exc:
+            result = Result(f"fault {number}: {fault.__name__.removeprefix('fault_').replace('_', ' ')}", "faults",
+                            "fail", exc.reason, exc.evidence)
+        result.started, result.seconds = started, time.time() - started
+        result.evidence = result.evidence or probe.evidence()
+        results.append(result)
+        progress(result)
+    return results
+
