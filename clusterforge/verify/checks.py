@@ -113,7 +113,7 @@ def run_all(vms: ClusterVMs, only: set[str] | None = None,
 def etcd_health(vms: ClusterVMs, p: Probe) -> str:
     members = core(vms)
     for node in members:
-        out = p.sh(node, "etcdctl endpoint health --cluster", check=False)
+        out = p.sh(node, "etcdctl endpoint health --cluster 2>&1", check=False)  # it reports on stderr
         healthy = re.findall(r"^https://\S+ is healthy", out, re.MULTILINE)
         if len(healthy) != len(members):
             raise Failed(f"{node.name} sees {len(healthy)} of {len(members)} members healthy", out)

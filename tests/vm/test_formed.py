@@ -158,7 +158,7 @@ def test_a_wiped_etcd_member_rejoins_by_itself(formed: ClusterVMs) -> None:
     sh(formed, "s3", "systemctl stop clusterforge-agent clusterforge-etcd && rm -rf /var/lib/clusterforge/etcd "
                      "&& systemctl start clusterforge-agent")
     wait_for("s3 back in etcd", lambda: len(re.findall(
-        r" is healthy", sh(formed, "s1", "etcdctl endpoint health --cluster", check=False))) == 3)
+        r" is healthy", sh(formed, "s1", "etcdctl endpoint health --cluster 2>&1", check=False))) == 3)
     assert "remove my old member" in sh(formed, "s3", "journalctl -u clusterforge-agent -o cat --no-pager")
 
 
