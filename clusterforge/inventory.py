@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import serialization
 
 from . import identity, k3sbundle, yamlsource
 from .log import shorten
-from .node.seed import SERVICE_DEFAULTS, BootMode, Disk, Role, Service
+from .node.seed import SERVICE_DEFAULTS, BootMode, Disk, Role, SeedNetwork, Service
 from .yamlsource import Field, Section, Value, did_you_mean
 
 __all__ = ["BootMode", "Cluster", "Disk", "Network", "Node", "OS", "Role", "Service", "Services", "load"]
@@ -70,13 +70,9 @@ class Node:
 
 
 @dataclass(frozen=True)
-class Network:
-    subnet: IPv4Network
-    gateway: IPv4Address
-    dns: tuple[IPv4Address, ...]
-    vip: IPv4Address
-    overlay: IPv4Network
-    boot_server: IPv4Address
+class Network(SeedNetwork):
+    """The network as the seed carries it, and the ranges defaults are given from."""
+
     ranges: dict[str, tuple[int, int]] = field(default_factory=dict)  # plan -> host numbers
 
 

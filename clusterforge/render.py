@@ -114,8 +114,7 @@ def cluster_seed(cluster: Cluster, secrets: secrets_mod.ClusterSecrets, nodes: t
     net = cluster.network
     return seedlib.ClusterSeed(
         name=cluster.name, domain=cluster.domain, os=str(cluster.os), timezone=cluster.timezone,
-        network=seedlib.SeedNetwork(subnet=net.subnet, gateway=net.gateway, dns=net.dns, vip=net.vip,
-                                    overlay=net.overlay, boot_server=net.boot_server),
+        network=seedlib.SeedNetwork(**{f: getattr(net, f) for f in seedlib.SeedNetwork.__dataclass_fields__}),
         services=dict(cluster.services.enabled),
         nodes=tuple(seedlib.SeedNode(name=n.name, mac=n.mac, roles=n.roles, ip=n.ip, overlay_ip=n.overlay_ip,
                                      disks=n.disks, boot=n.boot, fqdn=cluster.fqdn(n),

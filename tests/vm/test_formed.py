@@ -195,6 +195,7 @@ def test_fault_1_power_off_the_slurm_controller(formed: ClusterVMs) -> None:
     assert result.status == "pass", result.reason
 
 
+@pytest.mark.all_only
 def test_a_rebooted_storage_node_comes_back_with_no_action(formed: ClusterVMs) -> None:
     boot = sh(formed, "s2", "cat /proc/sys/kernel/random/boot_id")
     sh(formed, "s2", "systemctl reboot", check=False)

@@ -205,6 +205,7 @@ def test_pxe_bios_install_then_boot_from_disk(site: Site, rundir: Path) -> None:
     install_then_boot_from_disk(site, site.cluster.node("s1"), rundir, "bios")
 
 
+@pytest.mark.all_only
 def test_pxe_uefi_install_then_boot_from_disk(site: Site, rundir: Path) -> None:
     """OVMF: after the install, iPXE hands over to localboot.efi, which starts the disk's loader."""
     install_then_boot_from_disk(site, site.cluster.node("c1"), rundir, "uefi")
@@ -245,6 +246,7 @@ def test_dhcp_mode_refuses_beside_another_dhcp_server(build_ctx: BuildContext, p
     assert "--mode proxy" in output
 
 
+@pytest.mark.all_only
 def test_proxy_mode_beside_a_router(build_ctx: BuildContext, proxy_net: ProxySite, rundir: Path) -> None:
     """The router hands out the address, the PXE server only the boot instructions: an unknown
     machine gets iPXE's menu from clusterforge and is recorded with the router's address."""
