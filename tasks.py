@@ -20,7 +20,10 @@ HELP = {"inventory": "inventory YAML (default examples/cluster.yaml)",
         "node": "the node's name", "cmd": "command to run instead of a shell (or put it after NODE)",
         "boot": "disk (default) or pxe", "timeout": "seconds to wait for guests to power off",
         "interface": "network interface to serve on (needs an address in the subnet)",
-        "mode": "dhcp (isolated network, default) or proxy (beside an existing DHCP server)",
+        "mode": "dhcp (isolated network) or proxy (beside an existing DHCP server); default: the inventory's "
+                "network.pxe (dhcp when it is off)",
+        "from_cluster": "the machines that booted from the running cluster's own PXE (asked over SSH)",
+        "on_cluster": "on the running cluster's own PXE (over SSH), not the factory's pxe.serve",
         "os": "debian-12 (default, built from Debian packages) or ubuntu-24.04 (needs --iso)",
         "iso": "an Ubuntu 24.04 server ISO, for --os ubuntu-24.04",
         "rekey": "make a new cluster CA and reissue every node certificate (every node then needs its new seed)",
@@ -119,23 +122,24 @@ def release(c, inventory="", out="", state="", runs="", no_verify=False, verbose
 
 @task(help=opts("interface", "inventory", "mode", *PATHS, "verbose"))
 @user_errors
-def serve(c, interface, inventory="", mode="dhcp", out="", state="", runs="", verbose=False):
+def serve(c, interface, inventory="", mode="", out="", state="", runs="", verbose=False):
     """Serve PXE on INTERFACE: dnsmasq (DHCP or proxy-DHCP, TFTP) and HTTP; Ctrl-C stops."""
     cli.pxe_server(inventory, interface, mode, Paths.resolve(out, state, runs)).serve()
 
 
-@task(help=opts("inventory", "state", "verbose"))
+@task(help=opts("inventory", "from_cluster", "state", "runs", "verbose"))
 @user_errors
-def discovered(c, inventory="", state="", verbose=False):
+def discovered(c, inventory="", from_cluster=False, state="", runs="", verbose=False):
     """Machines that PXE-booted but are not in the inventory, as entries ready to paste."""
-    print(cli.discovered(inventory, Paths.resolve(state=state)) or "# no unknown machine has booted yet")
+    print(cli.discovered(inventory, Paths.resolve(state=state, runs=runs), from_cluster)
+          or "# no unknown machine has booted yet")
 
 
-@task(help=opts("node", "inventory", "state", "verbose"))
+@task(help=opts("node", "inventory", "on_cluster", "state", "runs", "verbose"))
 @user_errors
-def reinstall(c, node, inventory="", state="", verbose=False):
+def reinstall(c, node, inventory="", on_cluster=False, state="", runs="", verbose=False):
     """Make a node install again on its next PXE boot (instead of booting its disk)."""
-    print(cli.reinstall(inventory, node, Paths.resolve(state=state)))
+    print(cli.reinstall(inventory, node, Paths.resolve(state=state, runs=runs), on_cluster))
 
 
 @task(help=opts("mac", "inventory", "state", "verbose"))
@@ -248,6 +252,15 @@ def resume(c, inventory="", out="", state="", runs="", verbose=False):
     cli.cluster_vms(inventory, Paths.resolve(out, state, runs)).pause(False)
 
 
+@task(help=opts("inventory", *PATHS, "verbose"))
+@user_errors
+def publish(c, inventory="", out="", state="", runs="", verbose=False):
+    """Render and send what changed (inventory, new nodes' seeds, the image) to the running cluster's
+    core nodes, which serve its own PXE; refuses what a running cluster cannot take in place."""
+    if not cli.publish(inventory, Paths.resolve(out, state, runs)):
+        raise SystemExit(1)
+
+
 @task(name="sync-agent", help=opts("inventory", *PATHS, "verbose"))
 @user_errors
 def sync_agent(c, inventory="", out="", state="", runs="", verbose=False):
@@ -259,4 +272,4 @@ namespace = Collection(render, demo, verify, test, image, netboot, iso, usb, rel
 namespace.add_collection(Collection("pxe", serve, discovered, reinstall))
 namespace.add_collection(Collection("state", forget))
 namespace.add_collection(Collection("cluster", up, status, ssh, console, down, destroy, kill_, start,
-                                    partition, heal, pause, resume, sync_agent))
+                                    partition, heal, pause, resume, publish, sync_agent))

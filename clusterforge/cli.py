@@ -134,26 +134,73 @@ def pxe_server(inventory: str, interface: str, mode: str, paths: Paths) -> PxeSe
 
     cluster = load(inventory, paths)
     debian_only(cluster, "network booting")
-    return PxeServer(cluster, interface, mode, paths)
+    return PxeServer(cluster, interface, mode or str(render.served_mode(cluster)), paths)
 
 
-def discovered(inventory: str, paths: Paths) -> str:
-    from .pxe.discovery import Discoveries
+def discovered(inventory: str, paths: Paths, from_cluster: bool = False) -> str:
+    from .pxe.discovery import Discoveries, listing
 
     cluster = load(inventory, paths)
-    return Discoveries(paths.cluster_state(cluster.name), cluster).as_inventory()
+    if not from_cluster:
+        return Discoveries(paths.cluster_state(cluster.name), cluster).as_inventory()
+    from .node.agent.pxe import DISCOVERED
+    from .publish import first_answer
+
+    text = first_answer(cluster, paths, f"etcdctl get --prefix {DISCOVERED} -w json")
+    return listing(etcd_records(text, DISCOVERED), (n.mac for n in cluster.nodes))
 
 
-def reinstall(inventory: str, node_name: str, paths: Paths) -> str:
+def etcd_records(text: str, prefix: str) -> dict[str, dict[str, str]]:
+    """`etcdctl get --prefix P -w json` as MAC -> record, checked as the PXE servers check a report."""
+    import base64
+    import json
+
+    from .node.pxeserve import sanitized
+
+    try:
+        kvs = json.loads(text).get("kvs", [])
+        records = {}
+        for kv in kvs:
+            key = base64.b64decode(kv["key"]).decode(errors="replace")
+            try:
+                records[key.removeprefix(prefix)] = json.loads(base64.b64decode(kv.get("value", "")))
+            except ValueError:
+                continue  # a record nobody can read is no machine to list
+    except (ValueError, TypeError, KeyError, AttributeError):
+        die("etcdctl's answer cannot be read", hint="run it by hand on a core node: "
+                                                   f"etcdctl get --prefix {prefix} -w json")
+    return sanitized(records)
+
+
+def reinstall(inventory: str, node_name: str, paths: Paths, on_cluster: bool = False) -> str:
     from .pxe.http import Installed
 
     cluster = load(inventory, paths)
     node = find_node(cluster, node_name)
+    if on_cluster:
+        from .node.agent.pxe import INSTALLED
+        from .publish import first_answer
+
+        deleted = first_answer(cluster, paths, f"etcdctl del {INSTALLED}{node.mac_hyphen}").strip()
+        if deleted == "0":
+            return f"{node.name} is not marked installed on the cluster: it installs on its next network boot"
+        return f"{node.name} installs again on its next network boot from the cluster"
     installed = Installed(paths.cluster_state(cluster.name))
     if node.mac_hyphen not in installed.all():  # nothing to undo: write nothing
         return f"{node.name} is not marked installed: it installs on its next network boot"
     installed.remove(node.mac_hyphen)
     return f"{node.name} installs again on its next network boot"
+
+
+def publish(inventory: str, paths: Paths) -> bool:
+    """Print what was sent to each core node; False when a core node missed it."""
+    from .publish import publish as publish_to
+
+    cluster = load(inventory, paths)
+    debian_only(cluster, "the cluster's own network boot")
+    published = publish_to(cluster, paths)
+    print("\n".join(published.lines))
+    return not published.missed
 
 
 def find_node(cluster: Cluster, name: str) -> inventory_mod.Node:

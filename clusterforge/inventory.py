@@ -25,13 +25,14 @@ from cryptography.hazmat.primitives import serialization
 
 from . import identity, k3sbundle, yamlsource
 from .log import shorten
-from .node.seed import SERVICE_DEFAULTS, BootMode, Disk, Role, SeedNetwork, Service
+from .node.pxeserve import HTTP_PORT
+from .node.seed import SERVICE_DEFAULTS, BootMode, Disk, PxeMode, Role, SeedNetwork, Service
 from .yamlsource import Field, Section, Value, did_you_mean
 
-__all__ = ["BootMode", "Cluster", "Disk", "Network", "Node", "OS", "Role", "Service", "Services", "load"]
+__all__ = ["HTTP_PORT", "BootMode", "Cluster", "Disk", "Network", "Node", "OS", "PxeMode", "Role", "Service",
+           "Services", "load"]
 
-HTTP_PORT = 8080  # where the PXE server's HTTP side listens; iPXE scripts point at it
-RESERVED_NAMES = {"images", "release", "cache", "runs", "netboot"}  # siblings in dist/
+RESERVED_NAMES = {"images", "release", "cache", "runs", "netboot", "published"}  # siblings in dist/
 MAX_SSH_KEY = 8192  # characters of an authorized_keys line (RSA 16384 is about 2,800)
 MAX_FQDN = 253
 RESERVED_HOSTNAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback", "broadcasthost"}
@@ -206,6 +207,11 @@ def parse_enum(value: Value, enum: type[StrEnum]) -> Any:
         value.at.fail(f"{shorten(text)} is not one of: {', '.join(choices)}", hint=did_you_mean(text, choices))
 
 
+def parse_pxe(value: Value) -> PxeMode:
+    # YAML 1.1 reads an unquoted `off` as false: that is what the user wrote.
+    return PxeMode.OFF if value.raw is False else parse_enum(value, PxeMode)  # type: ignore[no-any-return]
+
+
 def parse_timezone(value: Value) -> str:
     text = value.text()
     try:
@@ -302,7 +308,7 @@ def load(path: Path | str, state: Path | None = None, forgetting: str | None = N
     services_section = doc.section("services", SERVICE_KEYS)
     services = _load_services(services_section, path)
     network_section = Section(doc.require("network"),
-                              ("subnet", "gateway", "dns", "vip", "overlay", "boot_server", "ranges"))
+                              ("subnet", "gateway", "dns", "vip", "overlay", "boot_server", "ranges", "pxe"))
     nodes_value = doc.require("nodes")
     raw_nodes = [identity.RawNode.parse(v, _parse_node) for v in nodes_value.items()]
     if not raw_nodes:
@@ -406,8 +412,9 @@ def _load_network(s: Section, nodes: list[identity.RawNode]) -> Network:
                                    hint="use a larger subnet, or set network.boot_server")
         boot_server = free
     ranges = _load_ranges(s, subnet)
+    pxe = parse_pxe(s.get("pxe", PxeMode.DHCP.value))
     return Network(subnet=subnet, gateway=gateway, dns=dns, vip=vip, overlay=overlay,
-                   boot_server=boot_server, ranges=ranges)
+                   boot_server=boot_server, pxe=pxe, ranges=ranges)
 
 
 def _load_ranges(s: Section, subnet: IPv4Network) -> dict[str, tuple[int, int]]:

@@ -19,7 +19,7 @@ from typing import Any
 from . import fsutil, identity, templates
 from . import secrets as secrets_mod
 from .fsutil import atomic_path
-from .inventory import HTTP_PORT, Cluster, Node, Role
+from .inventory import HTTP_PORT, Cluster, Node, PxeMode, Role
 from .log import die
 from .node import layout
 from .node import seed as seedlib
@@ -252,13 +252,19 @@ def _pxe_files(cluster: Cluster, site: Site) -> Files:
     files: Files = {
         "pxe/boot.ipxe": (render_template("boot.ipxe.j2", **base).encode(), PUBLIC),
         "pxe/menu.ipxe": (render_template("menu.ipxe.j2", **base).encode(), PUBLIC),
-        "pxe/dnsmasq.conf": (dnsmasq_conf(cluster, site, mode="dhcp").encode(), PUBLIC),
+        "pxe/dnsmasq.conf": (dnsmasq_conf(cluster, site, mode=served_mode(cluster)).encode(), PUBLIC),
     }
     for node in cluster.nodes:
         script = render_template("node.ipxe.j2", **base, node=node, image_name=cluster.image_name,
                                  kernel_args=layout.KERNEL_ARGS)
         files[f"pxe/mac/{node.mac_hyphen}.ipxe"] = (script.encode(), PUBLIC)
     return files
+
+
+def served_mode(cluster: Cluster) -> PxeMode:
+    """The DHCP mode a PXE server of this cluster runs in unless told otherwise: the inventory's
+    network.pxe, dhcp when the cluster serves none itself (off)."""
+    return PxeMode.DHCP if cluster.network.pxe == PxeMode.OFF else cluster.network.pxe
 
 
 def dnsmasq_conf(cluster: Cluster, site: Site, mode: str) -> str:
@@ -272,7 +278,7 @@ def dhcp_pool(cluster: Cluster, site: Site) -> tuple[IPv4Address, IPv4Address] |
     not in the inventory, so they can boot the menu and be discovered. None when the subnet
     has no free address at all (then only the inventory's machines get one)."""
     net = cluster.network
-    used = {int(a) for a in (net.gateway, net.vip, site.address, *(n.ip for n in cluster.nodes))}
+    used = {int(a) for a in (net.gateway, net.vip, net.boot_server, site.address, *(n.ip for n in cluster.nodes))}
     first, last = int(net.subnet.network_address) + 1, int(net.subnet.broadcast_address) - 1
     best = (0, -1)
     run_start = None

@@ -43,6 +43,14 @@ class BootMode(StrEnum):
     DISKLESS = "diskless"
 
 
+class PxeMode(StrEnum):
+    """How the formed cluster's core nodes answer network boots (network.pxe)."""
+
+    DHCP = "dhcp"  # full DHCP with static leases: an isolated provisioning network
+    PROXY = "proxy"  # proxy-DHCP beside another DHCP server (a router): boot instructions only
+    OFF = "off"  # the cluster serves no PXE
+
+
 class Service(StrEnum):
     """The services an inventory turns on or off, in the order the agent converges them.
 
@@ -106,16 +114,19 @@ class SeedNetwork:
     vip: IPv4Address
     overlay: IPv4Network
     boot_server: IPv4Address
+    pxe: PxeMode = PxeMode.DHCP
 
     def to_dict(self) -> dict[str, Any]:
         return {"subnet": str(self.subnet), "gateway": str(self.gateway), "dns": [str(a) for a in self.dns],
-                "vip": str(self.vip), "overlay": str(self.overlay), "boot_server": str(self.boot_server)}
+                "vip": str(self.vip), "overlay": str(self.overlay), "boot_server": str(self.boot_server),
+                "pxe": str(self.pxe)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SeedNetwork:
         return cls(subnet=IPv4Network(d["subnet"]), gateway=IPv4Address(d["gateway"]),
                    dns=tuple(IPv4Address(a) for a in d["dns"]), vip=IPv4Address(d["vip"]),
-                   overlay=IPv4Network(d["overlay"]), boot_server=IPv4Address(d["boot_server"]))
+                   overlay=IPv4Network(d["overlay"]), boot_server=IPv4Address(d["boot_server"]),
+                   pxe=PxeMode(d.get("pxe", PxeMode.DHCP.value)))
 
 
 @dataclass(frozen=True)

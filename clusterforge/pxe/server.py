@@ -23,14 +23,13 @@ from types import FrameType
 
 from ..inventory import HTTP_PORT, Cluster
 from ..log import die, info
+from ..node.pxeserve import IPXE_DIR, IPXE_FILES
 from ..paths import Paths
 from ..render import Site, dnsmasq_conf, render
 from ..run import run, spawn
 from .discovery import Discoveries
 from .http import HttpServer, Installed, make_handler
 
-IPXE_DIR = Path("/usr/lib/ipxe")
-IPXE_FILES = ("undionly.kpxe", "ipxe.efi")
 NETBOOT_FILES = ("netboot/vmlinuz", "netboot/initrd.img", "netboot/root.squashfs", "netboot/localboot.efi")
 # dnsmasq logs this once its DHCP sockets are bound and TFTP is set up: it is serving.
 DNSMASQ_READY = "TFTP root is"

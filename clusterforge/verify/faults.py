@@ -62,9 +62,15 @@ def power_off(vms: ClusterVMs, p: Probe) -> tuple[str, float]:
     asker = live[0]
     job = ""
     if vms.cluster.services.slurm:
-        # A job that runs a while and writes a file, on a node that stays up.
+        # A job that runs a while and writes a file, on a node that stays up; running, and in
+        # the state the controller saved (on the RBD image) before the power goes.
         job = p.sh(asker, f"sbatch --parsable -N1 --exclude={victim.name} -o /root/fault-job.out "
-                          "--wrap 'sleep 60; hostname'").strip()
+                          "--wrap 'sleep 90; hostname'").strip()
+        until(f"job {job} running", lambda: p.sh(asker, f"squeue -h -j {job} -o %T", check=False).strip()
+              == "RUNNING", seconds=300, every=2)
+        since = int(p.sh(victim, "date +%s"))
+        until("the controller's state saved", lambda: int(p.sh(victim, "stat -c %Y /var/lib/slurm/slurmctld/job_state",
+                                                              check=False).strip() or 0) > since, seconds=120, every=2)
     vms.kill(victim.name)
     start = time.monotonic()
     failover = 0.0

@@ -31,9 +31,11 @@ from .accel import Accel, choose
 from .machine import Drive, Machine, MachineError, MachineSpec, Nic, boot_phases
 from .network import ClusterNet
 
+NETBOOT_MARK = "netboot"  # in runs/<cluster>/<node>/: the machine came as new hardware, network first
 DATA_DISK_SIZE = "12G"
 ROOT_DISK_SIZE = "8G"  # Ceph wants >= 5 GB per OSD; ceph-volume is happier with more
 BOOT_TIMEOUT = 900.0
+INSTALL_TIMEOUT = 2400.0  # a node installing from the network: the live system, the image, a reboot (TCG)
 
 
 @dataclass(frozen=True)
@@ -100,18 +102,24 @@ class ClusterVMs:
 
     # ------------------------------------------------------------ machines
 
+    def netboots(self, node: Node) -> bool:
+        """The machine boots from the network first: the whole cluster over PXE (--boot pxe), or
+        a node that came later as new hardware does (see start())."""
+        return self.boot == "pxe" or (self.dir / node.name / NETBOOT_MARK).exists()
+
     def spec(self, node: Node) -> MachineSpec:
         sizing = size_for(node, self.cluster, self.accel)
         node_dir = self.dir / node.name
+        netboot = self.netboots(node)
         drives = []
-        if not (self.boot == "pxe" and node.boot == BootMode.DISKLESS):
-            drives.append(Drive(node_dir / "root.qcow2", bootindex=1 if self.boot == "disk" else 2))
+        if not (netboot and node.boot == BootMode.DISKLESS):
+            drives.append(Drive(node_dir / "root.qcow2", bootindex=2 if netboot else 1))
         drives += [data_disk(node_dir, i, d) for i, d in enumerate(node.disks)]
-        if self.boot == "disk":  # over PXE the seed comes from the server
+        if not netboot:  # over PXE the seed comes from the server
             drives.append(Drive(self.seeds / "nodes" / node.name / "seed.iso", format="raw", media="cdrom"))
         if self.cluster.services.k3s_bundle is not None:  # beside the image, never in it
             drives.append(Drive(self.k3s_drive, format="raw", media="cdrom", readonly=True))
-        nic = Nic(node.mac, self.net.netdev(node.name), bootindex=1 if self.boot == "pxe" else None)
+        nic = Nic(node.mac, self.net.netdev(node.name), bootindex=1 if netboot else None)
         return MachineSpec(name=node.name, memory_mb=sizing.memory_mb, cpus=sizing.cpus,
                            drives=tuple(drives), nics=(nic,), netns=self.net.netns)
 
@@ -137,7 +145,7 @@ class ClusterVMs:
         node_dir = self.dir / node.name
         node_dir.mkdir(parents=True, exist_ok=True)
         root = node_dir / "root.qcow2"
-        if not root.exists() and self.boot == "disk":
+        if not root.exists() and not self.netboots(node):
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(self.image.resolve()),
                  str(root)])
         elif not root.exists():  # PXE installs onto an empty disk
@@ -305,7 +313,20 @@ class ClusterVMs:
         self.machine(self.nodes([name])[0]).kill()
 
     def start(self, name: str, timeout: float = BOOT_TIMEOUT) -> None:
+        """Start a node again; a node of a running cluster that has never run comes as new
+        hardware would: an empty disk, booting from the network (the cluster's own PXE)."""
+        node = self.nodes([name])[0]
+        if self.never_ran(node) and any(self.machine(n).running for n in self.cluster.nodes if n != node):
+            (self.dir / node.name).mkdir(parents=True, exist_ok=True)
+            (self.dir / node.name / NETBOOT_MARK).write_text("came as new hardware: network first, empty disk\n")
+            info(f"{node.name}: never ran: an empty disk, booting from the network")
+        if self.netboots(node) and node.boot == BootMode.INSTALL and not (self.dir / node.name / "root.qcow2").exists():
+            timeout = max(timeout, INSTALL_TIMEOUT)
         self.up([name], timeout)
+
+    def never_ran(self, node: Node) -> bool:
+        node_dir = self.dir / node.name
+        return not (node_dir / "root.qcow2").exists() and not (node_dir / NETBOOT_MARK).exists()
 
     def set_link(self, name: str, up: bool) -> None:
         m = self.machine(self.nodes([name])[0]).attach()

@@ -81,7 +81,8 @@ def test_forge_lists_the_tasks(tmp_path: Path) -> None:
     for name in ("render", "demo", "test", "image", "netboot", "iso", "usb", "release", "pxe.serve",
                  "pxe.discovered", "pxe.reinstall", "state.forget", "cluster.up", "cluster.status",
                  "cluster.ssh", "cluster.console", "cluster.kill", "cluster.start", "cluster.partition",
-                 "cluster.heal", "cluster.pause", "cluster.resume", "cluster.down", "cluster.destroy"):
+                 "cluster.heal", "cluster.pause", "cluster.resume", "cluster.down", "cluster.destroy",
+                 "cluster.publish"):
         assert f"  {name} " in proc.stdout or proc.stdout.rstrip().endswith(f"  {name}"), name
     assert "installing" not in proc.stderr  # installed once: nothing to install again
 
@@ -204,6 +205,18 @@ def test_pxe_reinstall(lab: Path) -> None:
     proc = forge("pxe.reinstall", "c9", *args, cwd=lab)
     assert proc.returncode == 1
     assert "error: no node named 'c9' in cluster lab\n  hint: nodes: s1, s2, s3, c1" in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["cluster.publish", "--out", "out"], ["pxe.discovered", "--from-cluster"], ["pxe.reinstall", "c1", "--on-cluster"],
+], ids=["publish", "discovered", "reinstall"])
+def test_the_cluster_pxe_commands_without_the_clusters_state(lab: Path, argv: list[str]) -> None:
+    """They reach the nodes with the key in state/: without it they say so, render and create nothing."""
+    proc = forge(*argv, "--inventory", "lab.yaml", "--state", "st", "--runs", "runs", cwd=lab)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith(f"error: no SSH key at {lab}/st/lab/ssh/id_ed25519"), proc.stderr
+    assert "hint: this is not the state/ the cluster was rendered from" in proc.stderr
+    assert sorted(p.name for p in lab.iterdir()) == ["lab.yaml"]
 
 
 def test_pxe_serve_refuses_an_interface_outside_the_subnet(lab: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import seed as seedlib
 from ..seed import CA_CERT, NODE_CERT, NODE_KEY, Role, Seed
 from .election import Election
 from .etcd_client import EtcdClient, TLSFiles
@@ -26,6 +27,7 @@ class Ctx:
     _etcd: EtcdClient | None = field(default=None, repr=False)
     _probe: EtcdClient | None = field(default=None, repr=False)
     _elections: dict[str, Election] = field(default_factory=dict, repr=False)
+    _seed_said: str = field(default="", repr=False)
 
     @property
     def me(self):  # type: ignore[no-untyped-def]
@@ -68,3 +70,42 @@ class Ctx:
     @property
     def elections(self) -> dict[str, Election]:
         return self._elections
+
+    def reload_seed(self) -> str:
+        """Take in the seed as `./forge cluster.publish` rewrote it (a core node's cluster.json
+        lists every node: new nodes, their keys); a line to log when something happened, else "".
+
+        Only what a running node can take in place: a seed that names another node, moves the
+        network, turns services on or off or changes the core nodes (etcd's members, the
+        endpoints this context holds) is left aside, and said so once."""
+        try:
+            new = seedlib.load(self.seed.root)
+        except seedlib.SeedError as exc:
+            return self._say(f"agent: keeping the seed it started with: {exc}")
+        if new == self.seed:
+            return self._say("")
+        old = self.seed.cluster
+        core = [(n.name, n.ip) for n in old.with_role(Role.CORE)]
+        refused = ("it names another node" if new.identity != self.seed.identity else
+                   "the network moved" if _fixed(new.cluster.network) != _fixed(old.network) else
+                   "the services changed" if new.cluster.services != old.services else
+                   "the core nodes changed" if [(n.name, n.ip) for n in new.cluster.with_role(Role.CORE)] != core
+                   else "")
+        if refused:
+            return self._say(f"agent: the seed in {self.seed.root} changed, not taken in: {refused} "
+                             "(a running node keeps its seed's cluster; restart the agent to read it anyway)")
+        self.seed = new
+        self._say("")
+        return f"agent: seed reloaded: {len(new.cluster.nodes)} nodes (was {len(old.nodes)})"
+
+    def _say(self, line: str) -> str:
+        """A line once, not every pass."""
+        if line == self._seed_said:
+            return ""
+        self._seed_said = line
+        return line
+
+
+def _fixed(net: seedlib.SeedNetwork) -> tuple[object, ...]:
+    """What of the network a running cluster cannot change (cluster.publish refuses it too)."""
+    return net.subnet, net.overlay, net.vip

@@ -15,14 +15,14 @@ from types import FrameType
 from typing import Any
 
 from .. import seed as seedlib
-from . import ceph, etcd, health, k3s, munge, osd, record, slurm, slurmctld, timesync, vip, wireguard
+from . import ceph, etcd, health, k3s, munge, osd, pxe, record, slurm, slurmctld, timesync, vip, wireguard
 from .context import Ctx
 from .core import PassResult, State, Status, run_pass
 
 # The order the services converge in (DESIGN.md): each needs only what comes before it.
-SERVICES = [wireguard, timesync, etcd, vip, ceph, osd, munge, slurmctld, slurm, k3s]
+SERVICES = [wireguard, timesync, etcd, vip, pxe, ceph, osd, munge, slurmctld, slurm, k3s]
 # What to do at once when a singleton's lease is found gone between passes.
-ON_LOST = {slurmctld.ELECTION: slurmctld.lost}
+ON_LOST = {slurmctld.ELECTION: slurmctld.lost, pxe.ELECTION: pxe.lost}
 FAST, SLOW = 2.0, 15.0  # seconds between passes: after a change, and at most when converged
 KEEP_EVERY = 5.0
 SEED_WAIT = 5.0
@@ -93,6 +93,9 @@ def main() -> int:
                 record.write_local(ctx, latest["record"])
                 publisher.publish(latest["record"], so_far.statuses)
 
+            reloaded = ctx.reload_seed()  # cluster.publish rewrites a core node's cluster.json
+            if reloaded:
+                log(reloaded)
             result = run_pass(ctx, SERVICES, statuses, log, after=show)
             statuses = result.statuses
             settled = not result.changed and all(

@@ -1,0 +1,166 @@
+"""The cluster serves its own PXE (issue 19), on the formed example cluster (qemu/lab.yaml, the
+`formed` fixture): `./forge cluster.publish` as a user types it, a new machine that installs
+from the core nodes, an unknown one that is discovered, refusals, the DHCP role moving when its
+holder goes. One long test, in the order a person would do it; run by `./forge test --all`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from clusterforge import inventory
+from clusterforge.paths import Paths
+from clusterforge.vm.cluster import ClusterVMs
+from clusterforge.vm.machine import Machine, MachineSpec, Nic
+
+from .conftest import FORMED_RUNS, LAB, REPO, collect_logs, forge
+
+NEW = "52:54:00:00:00:51"  # a compute node that comes later, as new hardware
+STRANGER = "52:54:00:00:02:99"  # a machine nobody put in the inventory
+DEADLINE = 900  # seconds for the cluster to take something in, under TCG
+
+
+def wait_for(what: str, probe, seconds: float = DEADLINE, every: float = 5):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    last = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(every)  # the cluster takes things in at its own pace: look again
+    raise AssertionError(f"{what}: not within {seconds:.0f}s (last: {last!r})")
+
+
+def sh(vms: ClusterVMs, node: str, command: str, check: bool = True, timeout: float = 180) -> str:
+    return vms.ssh(vms.cluster.node(node)).run(command, check=check, timeout=timeout).stdout
+
+
+def core(vms: ClusterVMs) -> list[str]:
+    return [n.name for n in vms.cluster.with_role(inventory.Role.CORE)]
+
+
+def dnsmasq_on(vms: ClusterVMs, nodes: list[str]) -> list[str]:
+    """The core nodes running the cluster's DHCP server."""
+    return [n for n in nodes
+            if sh(vms, n, "systemctl is-active clusterforge-dnsmasq.service", check=False).strip() == "active"]
+
+
+def pxe_status(vms: ClusterVMs, node: str) -> dict:  # type: ignore[type-arg]
+    return json.loads(sh(vms, node, "cat /run/clusterforge/health.json"))["services"].get("pxe", {})  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def grown(formed: ClusterVMs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """qemu/lab.yaml with one compute node more. Afterwards the node is gone again: powered off,
+    the cluster told (a publish of qemu/lab.yaml, or the core nodes would list it as down) and
+    its record released."""
+    path = tmp_path_factory.mktemp("selfhosted") / "lab-grown.yaml"
+    path.write_text(LAB.read_text() + f'  - mac: "{NEW}"\n    roles: [compute]\n')
+    try:
+        yield path
+    finally:
+        forge("cluster.kill", "c1", *args(path), check=False)
+        forge("cluster.publish", *args(LAB.relative_to(REPO)), check=False, timeout=3600)
+        forge("state.forget", NEW, "--inventory", str(LAB.relative_to(REPO)), check=False)
+
+
+def args(inventory_path: Path) -> list[str]:
+    """A cluster.* command's options for the shared cluster, with this inventory."""
+    return ["--inventory", str(inventory_path), "--runs", str(FORMED_RUNS)]
+
+
+@pytest.mark.all_only
+def test_the_cluster_serves_its_own_pxe(formed: ClusterVMs, grown: Path, rundir: Path) -> None:
+    cores = core(formed)
+    before = {n: pxe_status(formed, n) for n in cores}
+    assert all(s.get("state") == "off" and "nothing published yet" in s.get("reason", "") for s in before.values()), \
+        before
+    assert dnsmasq_on(formed, cores) == []
+
+    # Publish: every core node gets everything; its cluster.json lists the new node.
+    first = forge("cluster.publish", *args(grown), timeout=3600)
+    print(f"\n{first.stdout}")
+    for node in cores:
+        assert f"{node}: sent " in first.stdout, first.stdout
+        assert NEW in sh(formed, node, "cat /etc/clusterforge/cluster.json")
+        assert sh(formed, node, "test -f /var/lib/clusterforge/pxe/images/clusterforge-debian-12.raw.gz && "
+                                "stat -c %a /var/lib/clusterforge/pxe/vmlab/nodes/c1/user-data").strip() == "600"
+    again = forge("cluster.publish", *args(grown), timeout=600)
+    assert again.stdout.startswith("nothing changed, nothing sent"), again.stdout
+
+    # Served: HTTP on every core node, DHCP on exactly one, named in each record.
+    holder = wait_for("one core node serving DHCP", lambda: (lambda on: on[0] if len(on) == 1 else None)(
+        dnsmasq_on(formed, cores)))
+    wait_for("pxe ok on every core node", lambda: all(
+        pxe_status(formed, n).get("state") == "ok" and pxe_status(formed, n).get("dhcp") == holder for n in cores))
+    vip = formed.cluster.network.vip
+    boot = sh(formed, cores[-1], f"curl -sf -m 10 http://{vip}:8080/vmlab/pxe/boot.ipxe")
+    assert f"set base http://{vip}:8080" in boot
+    for node in cores:  # each keeps its own copy
+        assert sh(formed, node, "curl -sf -m 10 -o /dev/null -w '%{http_code}' "
+                                f"http://{formed.cluster.node(node).ip}:8080/vmlab/pxe/menu.ipxe") == "200"
+
+    # Refused, nothing changed: another subnet; a running node renamed; a core node more.
+    manifest = sh(formed, cores[0], "sha256sum /var/lib/clusterforge/pxe/manifest.json /etc/clusterforge/cluster.json")
+    for change, reason in ((("subnet: 10.0.0.0/24", "subnet: 10.0.0.0/23"), "another subnet"),
+                           (('mac: "52:54:00:00:00:12"', 'mac: "52:54:00:00:00:12"\n    name: t2'), "runs as s2"),
+                           ((f'mac: "{NEW}"\n    roles: [compute]',  # five core nodes: etcd takes an odd number
+                             f'mac: "{NEW}"\n    roles: [core]\n  - mac: "52:54:00:00:00:52"\n    roles: [core]'),
+                            "the core nodes change")):
+        refused = grown.with_name(f"refused-{reason.split()[-1]}.yaml")
+        refused.write_text(grown.read_text().replace(*change))
+        proc = forge("cluster.publish", *args(refused), check=False, timeout=600)
+        assert proc.returncode == 1 and reason in proc.stderr and "nothing was rendered or sent" in proc.stderr, \
+            proc.stderr
+    assert sh(formed, cores[0], "sha256sum /var/lib/clusterforge/pxe/manifest.json "
+                                "/etc/clusterforge/cluster.json") == manifest
+
+    # New hardware: an empty disk, the network first; it installs from the core nodes, boots its disk.
+    started = forge("cluster.start", "c1", *args(grown), timeout=3600, check=False)
+    (formed.dir / "c1-start.txt").write_text(started.stdout + started.stderr)
+    assert started.returncode == 0, f"{started.stdout[-3000:]}{started.stderr[-3000:]}\nlogs: {formed.dir}/c1/"
+    vms = ClusterVMs(inventory.load(grown, state=Paths.resolve().state), formed.image,
+                     Paths.resolve(runs=str(FORMED_RUNS)))
+    assert sh(vms, "c1", "hostname").strip() == "c1"
+    assert sh(vms, "c1", "findmnt -n -o SOURCE /").strip() == "/dev/vda3"
+    journal = sh(formed, holder, "journalctl -u clusterforge-dnsmasq -o cat --no-pager")
+    assert "DHCPACK" in journal and NEW in journal, journal[-2000:]
+    installed = sh(formed, cores[0], "etcdctl get --print-value-only /clusterforge/pxe/installed/52-54-00-00-00-51")
+    assert "its installer" in installed or "agent on c1" in installed, installed
+    # Installed: its seed (its private keys) is no longer served, even to its own address.
+    assert sh(vms, "c1", f"curl -s -m 10 -o /dev/null -w '%{{http_code}}' http://{vip}:8080/vmlab/nodes/c1/user-data",
+              check=False) == "404"
+
+    def c1_healthy() -> bool:
+        view = json.loads(sh(formed, cores[0], "check-cluster --json", check=False) or "{}")
+        return any(n["node"] == "c1" and n.get("healthy") for n in view.get("nodes", []))
+
+    wait_for("c1 in the cluster, healthy", c1_healthy)
+
+    # An unknown machine that network-boots is listed, ready to paste.
+    formed.net.create(["stranger"])
+    spec = MachineSpec(name="stranger", memory_mb=1024, nics=(Nic(STRANGER, formed.net.netdev("stranger"),
+                                                                 bootindex=1),), netns=formed.net.netns)
+    with Machine(spec, rundir):
+        listed = wait_for("the stranger listed", lambda: (lambda out: out if STRANGER in out else None)(
+            forge("pxe.discovered", "--from-cluster", *args(grown), check=False).stdout), seconds=600, every=10)
+    assert f'  - mac: "{STRANGER}"' in listed and "roles: [compute]" in listed
+    assert NEW not in listed
+
+    # The DHCP holder goes: another core node takes the role, and still only one serves.
+    formed.kill(holder)
+    others = [n for n in cores if n != holder]
+    try:
+        moved = wait_for("DHCP on another core node", lambda: (lambda on: on[0] if len(on) == 1 else None)(
+            dnsmasq_on(formed, others)), seconds=300, every=3)
+        assert moved != holder
+    finally:
+        forge("cluster.start", holder, *args(LAB.relative_to(REPO)), timeout=1800)
+    wait_for("one DHCP server after the holder came back, the cluster healthy",
+             lambda: len(dnsmasq_on(formed, cores)) == 1
+             and formed.ssh(formed.cluster.node(holder)).run("check-cluster", check=False).returncode == 0)
+    collect_logs(vms)
