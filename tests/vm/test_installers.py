@@ -14,7 +14,7 @@ import pytest
 from clusterforge import inventory
 from clusterforge.factory import pipeline
 from clusterforge.factory.context import BuildContext
-from clusterforge.render import KERNEL_ARGS
+from clusterforge.node.layout import KERNEL_ARGS
 from clusterforge.run import run
 from clusterforge.ssh import Target
 from clusterforge.vm.machine import Drive, Machine, MachineSpec, Nic
