@@ -154,6 +154,8 @@ def forget(c, mac, inventory="", state="", verbose=False):
 def test(c, fast=False, all=False, k=""):
     """Run the test suite: unit tests, then the QEMU VM tests (unless --fast)."""
     args = [sys.executable, "-m", "pytest", "tests/unit" if fast else "tests"]
+    if not fast:
+        args += ["--durations=30"]  # where a CI run's time went, in its own output
     if all:
         args += ["--all"]
     if k:

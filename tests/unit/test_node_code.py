@@ -21,7 +21,7 @@ from clusterforge.node import seed as seedlib
 from .conftest import REPO
 
 # What the factory host has and a node has not (python3-yaml is in the image: allowed).
-FACTORY_ONLY = ("jinja2", "cryptography", "pycdlib", "qemu", "invoke", "pexpect")
+FACTORY_ONLY = ("jinja2", "cryptography", "pycdlib", "qemu", "invoke")
 
 
 def node_modules() -> list[str]:

@@ -106,9 +106,10 @@ def forge(*args: str, timeout: float = 1800, check: bool = True) -> subprocess.C
     return proc
 
 
-def on_formed(*args: str) -> list[str]:
-    """The options that point a cluster.* command at the shared cluster."""
-    return [*args, "--inventory", str(LAB.relative_to(REPO)), "--runs", str(FORMED_RUNS)]
+def on_formed(task: str, *args: str) -> list[str]:
+    """A cluster.* command pointed at the shared cluster: its options right after the task, as
+    `cluster.ssh NODE COMMAND...` takes everything after the command as the command (like ssh)."""
+    return [task, "--inventory", str(LAB.relative_to(REPO)), "--runs", str(FORMED_RUNS), *args]
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ from pathlib import Path
 from clusterforge import inventory
 from clusterforge.factory import pipeline
 from clusterforge.factory.loop import mounted_root
+from clusterforge.node import layout
 
 PRIVATE_MARKERS = (b"PRIVATE KEY-----", b"OPENSSH PRIVATE KEY")
 SEARCHED = ("etc", "root", "home", "var/lib", "usr/share/clusterforge", "opt")
@@ -32,5 +33,8 @@ def test_image_has_no_identity_or_secret(image: pipeline.Artifacts,
                     if any(m in data for m in PRIVATE_MARKERS) or any(s in data for s in cluster_secrets):
                         offenders.append(str(path.relative_to(root)))
         assert offenders == []
-        # The agent the seed activates is in the image, importable by the image's own Python.
-        assert (root / "usr/lib/python3/dist-packages/clusterforge/inventory.py").exists()
+        # The node code the seed activates is in the image for the image's own Python; the
+        # factory's code (inventory, secrets, render) is not.
+        site = root / layout.SITE_PACKAGES.lstrip("/") / "clusterforge"
+        assert (site / "node/agent/core.py").exists() and (site / "node/seed.py").exists()
+        assert not (site / "inventory.py").exists() and not (site / "secrets.py").exists()
