@@ -241,7 +241,7 @@ def _ensure_ca(state: Path, cluster: Cluster, rekey: bool) -> tuple[ec.EllipticC
         why = ("missing" if not cert_path.exists() else "damaged" if cert is None
                else "not made from ca.key" if cert.public_key() != key.public_key()
                else "expiring" if _expiring(cert) else "")
-        candidate = _ca_cert(key, cluster) if why else cert
+        candidate = ca_certificate(key, f"clusterforge {cluster.name} CA") if why else cert
         assert candidate is not None
         _check_issuer(state, key_path, candidate)
         if why:
@@ -253,7 +253,7 @@ def _ensure_ca(state: Path, cluster: Cluster, rekey: bool) -> tuple[ec.EllipticC
             hint="restore it from a backup of state/; or re-key the cluster with ./forge render --rekey "
                  "(every node then needs its new seed)")
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = _ca_cert(key, cluster)
+    cert = ca_certificate(key, f"clusterforge {cluster.name} CA")
     write_atomic(key_path, _pem_key(key), mode=0o600)
     write_atomic(cert_path, _pem(cert).encode(), mode=0o644)
     return key, cert
@@ -286,8 +286,9 @@ def _expiring(cert: x509.Certificate) -> bool:
     return cert.not_valid_after_utc < datetime.datetime.now(datetime.UTC) + RENEW_BEFORE
 
 
-def _ca_cert(key: ec.EllipticCurvePrivateKey, cluster: Cluster) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"clusterforge {cluster.name} CA")])
+def ca_certificate(key: ec.EllipticCurvePrivateKey, common_name: str, days: int = CERT_DAYS) -> x509.Certificate:
+    """A self-signed CA certificate for key: signs certificates and CRLs, no intermediate."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
@@ -295,7 +296,7 @@ def _ca_cert(key: ec.EllipticCurvePrivateKey, cluster: Cluster) -> x509.Certific
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+        .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                      content_commitment=False, key_encipherment=False,

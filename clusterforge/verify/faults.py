@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 from ..inventory import Node, Role
 from ..vm.cluster import ClusterVMs
@@ -25,11 +26,13 @@ from .run import wait_formed
 RECOVERY_LIMIT = 900.0  # seconds to fully healthy after a fault, under TCG
 PAUSE_SECONDS = 60
 STEP = 5.0
+T = TypeVar("T")
 
 
-def until(what: str, probe: Callable[[], object], seconds: float = 300, every: float = STEP) -> object:
+def until(what: str, probe: Callable[[], T | None], seconds: float = 300, every: float = STEP) -> T:
+    """probe()'s first true answer; Failed with its last answer when none comes within seconds."""
     deadline = time.monotonic() + seconds
-    last: object = None
+    last: T | None = None
     while time.monotonic() < deadline:
         last = probe()
         if last:

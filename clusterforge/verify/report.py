@@ -47,10 +47,26 @@ STYLE = """body{font:14px system-ui,sans-serif;margin:2em;color:#222;max-width:7
 h1 .pass{color:#1a7f1a}h1 .fail{color:#b00}table{border-collapse:collapse;width:100%}
 td,th{border:1px solid #ccc;padding:.35em .6em;text-align:left;vertical-align:top}th{background:#f3f3f3}
 details pre{white-space:pre-wrap;font-size:12px;background:#fafafa;padding:.5em;max-height:20em;overflow:auto}
-.lane{position:relative;height:2.2em;border-bottom:1px solid #eee;margin-left:6em}
-.lane b{position:absolute;left:-6em;top:.4em}.ev{position:absolute;top:.2em;border-left:2px solid #246;
-padding-left:3px;font-size:11px;white-space:nowrap;height:1.8em}.ev:nth-child(odd){top:1.1em}
-.axis{margin-left:6em;color:#666;font-size:11px;position:relative;height:1.4em}.axis span{position:absolute}"""
+.lane{position:relative;border-bottom:1px solid #eee;margin:0 9em 0 6em}
+.lane b{position:absolute;left:-6em;top:.4em}.ev{position:absolute;border-left:2px solid #246;
+padding-left:3px;font-size:11px;line-height:1.3em;white-space:nowrap}
+.axis{margin:0 9em 0 6em;color:#666;font-size:11px;position:relative;height:1.4em}.axis span{position:absolute}"""
+LABEL_CHAR = 0.75  # percent of a lane's width one character of an event's label takes, about
+ROW = 1.3  # em, one row of labels
+
+
+def label_rows(labels: list[tuple[float, int]]) -> list[int]:
+    """A row for each label (its left edge in percent, its length in characters), in order of time,
+    so that no two labels in one row overlap: the first row where the last label has ended."""
+    ends: list[float] = []
+    rows = []
+    for left, chars in labels:
+        row = next((i for i, end in enumerate(ends) if end <= left), len(ends))
+        if row == len(ends):
+            ends.append(0.0)
+        ends[row] = left + chars * LABEL_CHAR
+        rows.append(row)
+    return rows
 
 
 def page(report: dict[str, Any]) -> str:
@@ -64,9 +80,14 @@ def page(report: dict[str, Any]) -> str:
     span = max([t for ev in events.values() for t in ev.values()] + [1.0])
     lanes = []
     for node, ev in events.items():
-        marks = "".join(f'<span class="ev" style="left:{100 * t / span:.2f}%" title="{e(k)} at {t:.0f}s">'
-                        f"{e(k)} {t:.0f}s</span>" for k, t in ev.items())
-        lanes.append(f'<div class="lane"><b>{e(node)}</b>{marks}</div>')
+        labels = [(k, t, f"{k} {t:.0f}s") for k, t in ev.items()]
+        placed = label_rows([(100 * t / span, len(text)) for _, t, text in labels])
+        marks = []
+        for (k, t, text), row in zip(labels, placed, strict=True):
+            marks.append(f'<span class="ev" style="left:{100 * t / span:.2f}%;top:{row * ROW:.1f}em" '
+                         f'title="{e(k)} at {t:.0f}s">{e(text)}</span>')
+        height = (max(placed, default=0) + 1) * ROW + 0.5
+        lanes.append(f'<div class="lane" style="height:{height:.1f}em"><b>{e(node)}</b>{"".join(marks)}</div>')
     ticks = "".join(f'<span style="left:{100 * t / span:.2f}%">{t:.0f}s</span>'
                     for t in [span * i / 5 for i in range(6)])
     figures = "".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in report["figures"].items())

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -17,6 +15,8 @@ from clusterforge.pxe.discovery import Discoveries
 from clusterforge.pxe.http import LOCAL_BOOT, HttpServer, Installed, make_handler
 from clusterforge.pxe.server import check_artifacts, interface_address
 
+from .loopback import get, serving, status
+
 
 @pytest.fixture
 def served(example: inventory.Cluster, rendered: Path, state: Path,
@@ -28,26 +28,8 @@ def served(example: inventory.Cluster, rendered: Path, state: Path,
     # Loopback is nobody's address in the inventory: proxy-mode rules (seeds by install state only).
     handler = make_handler(example, rendered, images, Discoveries(state / "lab", example),
                            Installed(state / "lab"), log.append, seeds_by_address=False)
-    server = HttpServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", log
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        return bytes(reply.read())
-
-
-def status(url: str) -> int:
-    try:
-        get(url)
-        return 200
-    except urllib.error.HTTPError as exc:
-        return exc.code
+    with serving(handler) as url:
+        yield url, log
 
 
 def test_scripts_and_files(served: tuple[str, list[str]], rendered: Path) -> None:

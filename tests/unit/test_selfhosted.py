@@ -12,8 +12,6 @@ import shutil
 import subprocess
 import tarfile
 import threading
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +34,7 @@ from clusterforge.pxe.discovery import listing
 
 from .conftest import EXAMPLE, FIXED_STATE, REPO, write_inventory
 from .etcd_cluster import EtcdCluster, free_ports
+from .loopback import get, serving, status
 
 DNSMASQ = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
 C1, C2 = "52:54:00:00:00:51", "52:54:00:00:00:52"
@@ -501,26 +500,8 @@ def served(etcd: EtcdCluster, site: Site, tmp_path: Path, monkeypatch: pytest.Mo
     log: list[str] = []
     handler = pxeserve.make_handler(pxe.Publication(tmp_path / "pxe", "lab").current, pxe.EtcdInstalled(client),
                                     pxe.EtcdDiscoveries(client), log.append)
-    server = pxeserve.HttpServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield Served(f"http://127.0.0.1:{server.server_address[1]}", tmp_path / "pxe", client, log, etcd)
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as reply:
-        return bytes(reply.read())
-
-
-def status(url: str) -> int:
-    try:
-        get(url)
-        return 200
-    except urllib.error.HTTPError as exc:
-        return exc.code
+    with serving(handler) as url:
+        yield Served(url, tmp_path / "pxe", client, log, etcd)
 
 
 def test_the_cluster_serves_what_was_published(served: Served) -> None:

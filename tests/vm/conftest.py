@@ -106,6 +106,11 @@ def forge(*args: str, timeout: float = 1800, check: bool = True) -> subprocess.C
     return proc
 
 
+def sh(vms: ClusterVMs, node: str, command: str, timeout: float = 180, check: bool = True) -> str:
+    """A command's output on a node of a booted cluster, over SSH."""
+    return vms.ssh(vms.cluster.node(node)).run(command, timeout=timeout, check=check).stdout
+
+
 def on_formed(task: str, *args: str) -> list[str]:
     """A cluster.* command pointed at the shared cluster: its options right after the task, as
     `cluster.ssh NODE COMMAND...` takes everything after the command as the command (like ssh)."""

@@ -14,27 +14,13 @@ import pytest
 
 from clusterforge.verify import faults
 from clusterforge.verify.checks import Probe
+from clusterforge.verify.faults import until
 from clusterforge.vm.cluster import ClusterVMs
 
-from .conftest import FORMED_RUNS, REPO, forge, on_formed
+from .conftest import FORMED_RUNS, REPO, forge, on_formed, sh
 
 DEADLINE = 600  # seconds for the cluster to heal after a fault, under TCG
 
-
-def sh(vms: ClusterVMs, node: str, command: str, timeout: float = 180, check: bool = True) -> str:
-    return vms.ssh(vms.cluster.node(node)).run(command, timeout=timeout, check=check).stdout
-
-
-def wait_for(what: str, probe, seconds: float = DEADLINE, every: float = 5):  # type: ignore[no-untyped-def]
-    """Until probe() returns something true; its last answer on failure."""
-    deadline = time.monotonic() + seconds
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(every)  # the cluster heals on its own pace: look again
-    raise AssertionError(f"{what}: not within {seconds:.0f}s (last: {last!r})")
 
 
 def names(vms: ClusterVMs) -> list[str]:
@@ -85,6 +71,18 @@ def test_report_page_renders_offline_in_a_browser(formed: ClusterVMs) -> None:
     subprocess.run(["chromium", *flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120,
                    check=True)
     assert shot.stat().st_size > 10_000
+
+
+def test_each_node_is_what_its_seed_says(formed: ClusterVMs) -> None:
+    """The generic qcow2 with each node's seed ISO (BIOS): its name, identity, key modes and the
+    operator's keys come from the seed; the stock etcd unit never runs (the agent's does)."""
+    key = formed.cluster.ssh_authorized_keys[0].split()[1]
+    for node in formed.cluster.nodes:
+        assert sh(formed, node.name, "hostname -f").strip() == f"{node.name}.{formed.cluster.domain}"
+        assert f'"node": "{node.name}"' in sh(formed, node.name, "cat /etc/clusterforge/identity.json")
+        assert sh(formed, node.name, "stat -c %a /etc/clusterforge/pki/node.key").strip() == "600"
+        assert key in sh(formed, node.name, "cat /home/forge/.ssh/authorized_keys")
+        assert sh(formed, node.name, "systemctl is-active etcd", check=False).strip() == "inactive"
 
 
 def test_etcd_has_no_plaintext_listener(formed: ClusterVMs) -> None:
@@ -157,8 +155,9 @@ def test_k3s_not_verified_without_a_bundle(formed: ClusterVMs) -> None:
 def test_a_wiped_etcd_member_rejoins_by_itself(formed: ClusterVMs) -> None:
     sh(formed, "s3", "systemctl stop clusterforge-agent clusterforge-etcd && rm -rf /var/lib/clusterforge/etcd "
                      "&& systemctl start clusterforge-agent")
-    wait_for("s3 back in etcd", lambda: len(re.findall(
-        r" is healthy", sh(formed, "s1", "etcdctl endpoint health --cluster 2>&1", check=False))) == 3)
+    until("s3 back in etcd", lambda: len(re.findall(
+        r" is healthy", sh(formed, "s1", "etcdctl endpoint health --cluster 2>&1", check=False))) == 3,
+          seconds=DEADLINE)
     assert "remove my old member" in sh(formed, "s3", "journalctl -u clusterforge-agent -o cat --no-pager")
 
 
@@ -170,17 +169,18 @@ def test_partitioned_vip_holder_drops_it_and_another_takes_it(formed: ClusterVMs
     try:
         cut = time.monotonic()
         forge(*on_formed("cluster.partition", holder))
-        moved = wait_for("the VIP on another core node", lambda: vip_holders(formed, others), seconds=300, every=1)
+        moved = until("the VIP on another core node", lambda: vip_holders(formed, others), seconds=300, every=1)
         failover = time.monotonic() - cut
         print(f"\nVIP failover after a partition: {failover:.0f}s ({holder} -> {moved[0]})")
         assert len(moved) == 1
         # The cut-off node, looked at through the guest agent, drops the VIP too.
-        wait_for(f"{holder} drops the VIP", lambda: f" {vip}/" not in machine.guest.run(
+        until(f"{holder} drops the VIP", lambda: f" {vip}/" not in machine.guest.run(
             ["ip", "-4", "-o", "addr", "show"]).stdout, seconds=300, every=3)
     finally:
         forge(*on_formed("cluster.heal", holder))
-    wait_for("one VIP holder after healing", lambda: len(vip_holders(formed)) == 1 and
-             formed.ssh(formed.cluster.node(holder)).run("check-cluster", check=False).returncode == 0)
+    until("one VIP holder after healing", lambda: len(vip_holders(formed)) == 1 and
+             formed.ssh(formed.cluster.node(holder)).run("check-cluster", check=False).returncode == 0,
+          seconds=DEADLINE)
     assert len(vip_holders(formed)) == 1
 
 
@@ -199,11 +199,12 @@ def test_fault_1_power_off_the_slurm_controller(formed: ClusterVMs) -> None:
 def test_a_rebooted_storage_node_comes_back_with_no_action(formed: ClusterVMs) -> None:
     boot = sh(formed, "s2", "cat /proc/sys/kernel/random/boot_id")
     sh(formed, "s2", "systemctl reboot", check=False)
-    wait_for("s2 rebooted", lambda: sh(formed, "s2", "cat /proc/sys/kernel/random/boot_id", check=False,
+    until("s2 rebooted", lambda: sh(formed, "s2", "cat /proc/sys/kernel/random/boot_id", check=False,
                                        timeout=30) not in ("", boot), seconds=DEADLINE)
-    wait_for("HEALTH_OK after the reboot",
+    until("HEALTH_OK after the reboot",
              lambda: ceph_status(formed)["health"]["status"] == "HEALTH_OK" and
-             ceph_status(formed)["osdmap"]["num_up_osds"] == 3, seconds=DEADLINE)
+             ceph_status(formed)["osdmap"]["num_up_osds"] == 3,
+          seconds=DEADLINE)
 
 
 @pytest.mark.all_only

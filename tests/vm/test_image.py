@@ -1,8 +1,13 @@
-"""The built image boots: qcow2 + seed ISO (BIOS), raw under UEFI; and it is generic."""
+"""The built image boots alone: qcow2 + seed ISO (BIOS), raw under UEFI (./forge test --all).
+
+By default the shared cluster (tests/vm/test_formed.py) boots the qcow2 with seed ISOs under
+BIOS and checks what these check, and the USB install boots the raw image under UEFI."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import pytest
 
 from clusterforge import inventory
 from clusterforge.factory import pipeline
@@ -49,12 +54,14 @@ def boot_node(lab: tuple[inventory.Cluster, Path, Path], node_name: str, disk: D
         m.shutdown(timeout=120)
 
 
+@pytest.mark.all_only
 def test_qcow2_with_seed_iso_boots_bios(image: pipeline.Artifacts, lab: tuple[inventory.Cluster, Path, Path],
                                         rundir: Path) -> None:
     disk = Drive(overlay(image.qcow2, "qcow2", rundir / "s1.qcow2"), bootindex=1)
     boot_node(lab, "s1", disk, rundir, firmware="bios")
 
 
+@pytest.mark.all_only
 def test_raw_boots_uefi(image: pipeline.Artifacts, lab: tuple[inventory.Cluster, Path, Path],
                         rundir: Path) -> None:
     disk = Drive(overlay(image.raw, "raw", rundir / "s2.qcow2"), bootindex=1)

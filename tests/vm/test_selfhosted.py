@@ -6,7 +6,6 @@ holder goes. One long test, in the order a person would do it; run by `./forge t
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,29 +13,16 @@ import pytest
 
 from clusterforge import inventory
 from clusterforge.paths import Paths
+from clusterforge.verify.faults import until
 from clusterforge.vm.cluster import ClusterVMs
 from clusterforge.vm.machine import Machine, MachineSpec, Nic
 
-from .conftest import FORMED_RUNS, LAB, REPO, collect_logs, forge
+from .conftest import FORMED_RUNS, LAB, REPO, collect_logs, forge, sh
 
 NEW = "52:54:00:00:00:51"  # a compute node that comes later, as new hardware
 STRANGER = "52:54:00:00:02:99"  # a machine nobody put in the inventory
 DEADLINE = 900  # seconds for the cluster to take something in, under TCG
 
-
-def wait_for(what: str, probe, seconds: float = DEADLINE, every: float = 5):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + seconds
-    last = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(every)  # the cluster takes things in at its own pace: look again
-    raise AssertionError(f"{what}: not within {seconds:.0f}s (last: {last!r})")
-
-
-def sh(vms: ClusterVMs, node: str, command: str, check: bool = True, timeout: float = 180) -> str:
-    return vms.ssh(vms.cluster.node(node)).run(command, check=check, timeout=timeout).stdout
 
 
 def core(vms: ClusterVMs) -> list[str]:
@@ -93,10 +79,11 @@ def test_the_cluster_serves_its_own_pxe(formed: ClusterVMs, grown: Path, rundir:
     assert again.stdout.startswith("nothing changed, nothing sent"), again.stdout
 
     # Served: HTTP on every core node, DHCP on exactly one, named in each record.
-    holder = wait_for("one core node serving DHCP", lambda: (lambda on: on[0] if len(on) == 1 else None)(
-        dnsmasq_on(formed, cores)))
-    wait_for("pxe ok on every core node", lambda: all(
-        pxe_status(formed, n).get("state") == "ok" and pxe_status(formed, n).get("dhcp") == holder for n in cores))
+    holder = until("one core node serving DHCP", lambda: (lambda on: on[0] if len(on) == 1 else None)(
+        dnsmasq_on(formed, cores)), seconds=DEADLINE)
+    until("pxe ok on every core node", lambda: all(
+        pxe_status(formed, n).get("state") == "ok" and pxe_status(formed, n).get("dhcp") == holder for n in cores),
+          seconds=DEADLINE)
     vip = formed.cluster.network.vip
     boot = sh(formed, cores[-1], f"curl -sf -m 10 http://{vip}:8080/vmlab/pxe/boot.ipxe")
     assert f"set base http://{vip}:8080" in boot
@@ -139,14 +126,14 @@ def test_the_cluster_serves_its_own_pxe(formed: ClusterVMs, grown: Path, rundir:
         view = json.loads(sh(formed, cores[0], "check-cluster --json", check=False) or "{}")
         return any(n["node"] == "c1" and n.get("healthy") for n in view.get("nodes", []))
 
-    wait_for("c1 in the cluster, healthy", c1_healthy)
+    until("c1 in the cluster, healthy", c1_healthy, seconds=DEADLINE)
 
     # An unknown machine that network-boots is listed, ready to paste.
     formed.net.create(["stranger"])
     spec = MachineSpec(name="stranger", memory_mb=1024, nics=(Nic(STRANGER, formed.net.netdev("stranger"),
                                                                  bootindex=1),), netns=formed.net.netns)
     with Machine(spec, rundir):
-        listed = wait_for("the stranger listed", lambda: (lambda out: out if STRANGER in out else None)(
+        listed = until("the stranger listed", lambda: (lambda out: out if STRANGER in out else None)(
             forge("pxe.discovered", "--from-cluster", *args(grown), check=False).stdout), seconds=600, every=10)
     assert f'  - mac: "{STRANGER}"' in listed and "roles: [compute]" in listed
     assert NEW not in listed
@@ -155,12 +142,13 @@ def test_the_cluster_serves_its_own_pxe(formed: ClusterVMs, grown: Path, rundir:
     formed.kill(holder)
     others = [n for n in cores if n != holder]
     try:
-        moved = wait_for("DHCP on another core node", lambda: (lambda on: on[0] if len(on) == 1 else None)(
+        moved = until("DHCP on another core node", lambda: (lambda on: on[0] if len(on) == 1 else None)(
             dnsmasq_on(formed, others)), seconds=300, every=3)
         assert moved != holder
     finally:
         forge("cluster.start", holder, *args(LAB.relative_to(REPO)), timeout=1800)
-    wait_for("one DHCP server after the holder came back, the cluster healthy",
+    until("one DHCP server after the holder came back, the cluster healthy",
              lambda: len(dnsmasq_on(formed, cores)) == 1
-             and formed.ssh(formed.cluster.node(holder)).run("check-cluster", check=False).returncode == 0)
+             and formed.ssh(formed.cluster.node(holder)).run("check-cluster", check=False).returncode == 0,
+          seconds=DEADLINE)
     collect_logs(vms)
