@@ -95,6 +95,15 @@ def collect_logs(vms: ClusterVMs) -> None:
         (vms.dir / node.name / "journal.txt").write_text(out.stdout + out.stderr)
 
 
+def keep_logs(vms: ClusterVMs, to: Path) -> None:
+    """The cluster's logs (journals collected first), copied out of its directory before
+    `cluster.destroy` removes it; the disks and sockets are left behind."""
+    collect_logs(vms)
+    shutil.rmtree(to, ignore_errors=True)
+    shutil.copytree(vms.dir, to, ignore=shutil.ignore_patterns("*.qcow2", "*.raw", "*.fd", "*.sock", "*.bin",
+                                                               "chromium"))
+
+
 FORMED_RUNS = RUNS / "formed"
 
 

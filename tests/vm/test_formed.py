@@ -17,7 +17,7 @@ from clusterforge.verify.checks import Probe
 from clusterforge.verify.faults import until
 from clusterforge.vm.cluster import ClusterVMs
 
-from .conftest import FORMED_RUNS, REPO, forge, on_formed, sh
+from .conftest import FORMED_RUNS, REPO, forge, keep_logs, on_formed, sh
 
 DEADLINE = 600  # seconds for the cluster to heal after a fault, under TCG
 
@@ -227,6 +227,7 @@ def test_cluster_commands_as_typed(formed: ClusterVMs) -> None:
     assert {line.split()[2] for line in forge(*on_formed("cluster.status")).stdout.splitlines()} == {"paused"}
     forge(*on_formed("cluster.resume"))
     assert {line.split()[2] for line in forge(*on_formed("cluster.status")).stdout.splitlines()} == {"running"}
+    keep_logs(formed, FORMED_RUNS / "logs")
     forge(*on_formed("cluster.down", "--timeout", "120"))
     left = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True).stdout
     assert str(FORMED_RUNS) not in left and not formed.net.exists()
