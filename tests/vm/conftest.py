@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
@@ -115,6 +116,15 @@ def forge(*args: str, timeout: float = 1800, check: bool = True) -> subprocess.C
     return proc
 
 
+def figure(line: str) -> None:
+    """A measured figure: printed, and kept in runs/tests/figures.txt (pytest shows a passing
+    test's output to nobody), for the notes and the README."""
+    print(f"\n{line}")
+    RUNS.mkdir(parents=True, exist_ok=True)
+    with open(RUNS / "figures.txt", "a") as f:
+        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
+
 def sh(vms: ClusterVMs, node: str, command: str, timeout: float = 180, check: bool = True) -> str:
     """A command's output on a node of a booted cluster, over SSH."""
     return vms.ssh(vms.cluster.node(node)).run(command, timeout=timeout, check=check).stdout
@@ -141,7 +151,8 @@ def formed(image: pipeline.Artifacts, tmp_path_factory: pytest.TempPathFactory) 
         demo = forge("demo", "--inventory", str(LAB.relative_to(REPO)), "--runs", str(FORMED_RUNS), check=False)
         (vms.dir / "demo.txt").write_text(demo.stdout + demo.stderr)
         formed_line = next((line for line in demo.stderr.splitlines() if "verify: formed" in line), "")
-        print(f"\n{formed_line.strip()}\n{demo.stdout[-3000:]}")
+        figure(formed_line.strip())
+        print(demo.stdout[-3000:])
         assert demo.returncode == 0, (f"./forge demo failed:\n{demo.stdout[-4000:]}{demo.stderr[-4000:]}\n"
                                       f"logs: {vms.dir}/")
         yield ClusterVMs(inventory.load(LAB, state=paths.state), image.qcow2, paths)

@@ -17,7 +17,7 @@ from clusterforge.verify.checks import Probe
 from clusterforge.verify.faults import until
 from clusterforge.vm.cluster import ClusterVMs
 
-from .conftest import FORMED_RUNS, REPO, forge, keep_logs, on_formed, sh
+from .conftest import FORMED_RUNS, REPO, figure, forge, keep_logs, on_formed, sh
 
 DEADLINE = 600  # seconds for the cluster to heal after a fault, under TCG
 
@@ -171,7 +171,7 @@ def test_partitioned_vip_holder_drops_it_and_another_takes_it(formed: ClusterVMs
         forge(*on_formed("cluster.partition", holder))
         moved = until("the VIP on another core node", lambda: vip_holders(formed, others), seconds=300, every=1)
         failover = time.monotonic() - cut
-        print(f"\nVIP failover after a partition: {failover:.0f}s ({holder} -> {moved[0]})")
+        figure(f"VIP failover after a partition: {failover:.0f}s ({holder} -> {moved[0]})")
         assert len(moved) == 1
         # The cut-off node, looked at through the guest agent, drops the VIP too.
         until(f"{holder} drops the VIP", lambda: f" {vip}/" not in machine.guest.run(
@@ -190,7 +190,7 @@ def test_fault_1_power_off_the_slurm_controller(formed: ClusterVMs) -> None:
     core node, Ceph reads and writes, another controller takes over, the job completes and a new
     one runs; the node is started again and the cluster is fully healthy with no action."""
     result = faults.fault_power_off(formed, Probe(formed))
-    print(f"\nSLURM controller failover: {result.extra['failover_seconds']}s; fully healthy again "
+    figure(f"SLURM controller failover: {result.extra['failover_seconds']}s; fully healthy again "
           f"{result.extra['recovery_seconds']}s after powering off {result.extra['node']}")
     assert result.status == "pass", result.reason
 
@@ -213,7 +213,7 @@ def test_faults_2_to_4(formed: ClusterVMs, fault: int) -> None:
     """`verify --faults` 2-4 on the shared cluster: a node cut off, every node paused 60 s, every
     node power-cycled at once; each back to fully healthy with no action (./forge test --all)."""
     result = faults.run_faults(formed, which=(fault,))[0]
-    print(f"\n{result.name}: {result.reason}")
+    figure(f"{result.name}: {result.reason}")
     assert result.status == "pass", result.reason + "\n" + result.evidence
 
 
@@ -228,7 +228,7 @@ def test_cluster_commands_as_typed(formed: ClusterVMs) -> None:
     forge(*on_formed("cluster.resume"))
     assert {line.split()[2] for line in forge(*on_formed("cluster.status")).stdout.splitlines()} == {"running"}
     keep_logs(formed, FORMED_RUNS / "logs")
-    forge(*on_formed("cluster.down", "--timeout", "120"))
+    forge(*on_formed("cluster.down", "--timeout", "20"))  # then killed: no need to wait here
     left = subprocess.run(["pgrep", "-af", "qemu-system"], capture_output=True, text=True).stdout
     assert str(FORMED_RUNS) not in left and not formed.net.exists()
     forge(*on_formed("cluster.destroy"))

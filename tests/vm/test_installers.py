@@ -41,6 +41,7 @@ def node_net(lab: Lab, node: inventory.Node) -> tuple[str, Target]:
     return net, Target("127.0.0.1", state / cluster.name / "ssh" / "id_ed25519", port=port)
 
 
+@pytest.mark.all_only
 def test_usb_installs_under_uefi_and_boots_from_disk(installers: pipeline.Artifacts, lab: Lab,
                                                      rundir: Path) -> None:
     """The USB image (the hybrid ISO as written to a stick) under UEFI (OVMF). The stick is
@@ -107,6 +108,7 @@ def http_root(tmp_path: Path) -> Iterator[tuple[Path, int]]:
         server.server_close()
 
 
+@pytest.mark.all_only
 def test_netboot_diskless(installers: pipeline.Artifacts, lab: Lab, rundir: Path,
                           http_root: tuple[Path, int]) -> None:
     assert installers.netboot is not None
