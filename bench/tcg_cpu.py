@@ -2,7 +2,8 @@
 SSH under each, then the same Python, ceph CLI and checksum work timed inside it.
 
 Run: .venv/bin/python bench/tcg_cpu.py [MODEL ...]   (default: max qemu64; needs ./forge image
-and root for the cluster network). The harness uses the faster (clusterforge/vm/accel.py).
+and root for the cluster network). A model is of use only if Ceph runs on it: see
+clusterforge/vm/accel.py for what was measured and chosen.
 """
 
 from __future__ import annotations

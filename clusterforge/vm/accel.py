@@ -32,10 +32,10 @@ class Accel:
 
 
 KVM = Accel("kvm", ("-accel", "kvm", "-cpu", "host"))
-# qemu64, not max: with max, QEMU 7.2's TCG offers AVX2, which the guest's libraries then use
-# and TCG emulates slowly; qemu64 booted a node to SSH in 71 s against 86 s, and Python ran
-# 25 % faster (bench/tcg_cpu.py). Debian 12's packages need nothing beyond it (x86-64 baseline).
-TCG = Accel("tcg", ("-accel", "tcg,thread=multi", "-cpu", "qemu64"))
+# max, measured against others (bench/tcg_cpu.py; one node to SSH, TCG): qemu64 boots faster
+# (71-80 s against 86-103 s) but Debian 12's ceph-mon dies of SIGILL on it; Westmere (SSE4.2,
+# POPCNT, no XSAVE) and max without AVX were no faster than max (92 s).
+TCG = Accel("tcg", ("-accel", "tcg,thread=multi", "-cpu", "max"))
 
 
 @functools.cache
