@@ -7,19 +7,14 @@ Run: .venv/bin/python bench/boot.py   (needs ./forge image; root for the cluster
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clusterforge import inventory, render  # noqa: E402
-from clusterforge.factory.context import BuildContext  # noqa: E402
-from clusterforge.factory.pipeline import build_image  # noqa: E402
-from clusterforge.paths import Paths  # noqa: E402
-from clusterforge.vm.cluster import ClusterVMs  # noqa: E402
+from example_cluster import example_cluster  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+from clusterforge.vm.cluster import ClusterVMs  # noqa: E402
 
 
 def measure(vms: ClusterVMs, names: list[str]) -> None:
@@ -36,16 +31,11 @@ def measure(vms: ClusterVMs, names: list[str]) -> None:
 
 
 def main() -> None:
-    image = build_image(BuildContext.create()).qcow2
-    cluster = inventory.load(REPO / "examples" / "cluster.yaml")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        render.render(cluster, root / "dist", root / "state")
+    with example_cluster() as (_, vms):
         print("single node:")
-        measure(ClusterVMs(cluster, image, Paths(root / "dist", root / "state", root / "runs-1")), ["s1"])
+        measure(vms("runs-1"), ["s1"])
         print("three nodes at once:")
-        measure(ClusterVMs(cluster, image, Paths(root / "dist", root / "state", root / "runs-3")),
-                ["s1", "s2", "s3"])
+        measure(vms("runs-3"), ["s1", "s2", "s3"])
 
 
 if __name__ == "__main__":

@@ -8,21 +8,16 @@ Run: .venv/bin/python bench/formation.py   (needs ./forge image; root for the cl
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clusterforge import inventory, render  # noqa: E402
-from clusterforge.factory.context import BuildContext  # noqa: E402
-from clusterforge.factory.pipeline import build_image  # noqa: E402
-from clusterforge.paths import Paths  # noqa: E402
+from example_cluster import example_cluster  # noqa: E402
+
 from clusterforge.verify import report  # noqa: E402
 from clusterforge.verify.run import boot_timeline, cluster_view, wait_formed  # noqa: E402
 from clusterforge.vm.cluster import ClusterVMs  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def agent_cpu(vms: ClusterVMs) -> dict[str, float]:
@@ -35,17 +30,13 @@ def agent_cpu(vms: ClusterVMs) -> dict[str, float]:
 
 
 def main() -> None:
-    image = build_image(BuildContext.create()).qcow2
-    cluster = inventory.load(REPO / "examples" / "cluster.yaml")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        render.render(cluster, root / "dist", root / "state")
-        alone = ClusterVMs(cluster, image, Paths(root / "dist", root / "state", root / "runs-1"))
+    with example_cluster() as (cluster, make):
+        alone = make("runs-1")
         single = alone.up(["s1"])["s1"]["multi-user"]
         alone.down(timeout=60)
         print(f"one node alone, power-on to multi-user:      {single:7.1f} s", flush=True)
 
-        vms = ClusterVMs(cluster, image, Paths(root / "dist", root / "state", root / "runs-3"))
+        vms = make("runs-3")
         start = time.monotonic()
         try:
             vms.up()

@@ -9,16 +9,15 @@ clusterforge/vm/accel.py for what was measured and chosen.
 from __future__ import annotations
 
 import sys
-import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clusterforge import inventory, render  # noqa: E402
-from clusterforge.factory.context import BuildContext  # noqa: E402
-from clusterforge.factory.pipeline import build_image  # noqa: E402
-from clusterforge.paths import Paths  # noqa: E402
+from example_cluster import example_cluster  # noqa: E402
+
+from clusterforge import inventory  # noqa: E402
 from clusterforge.vm import accel  # noqa: E402
 from clusterforge.vm.cluster import ClusterVMs  # noqa: E402
 
@@ -34,10 +33,10 @@ WORK = {
 }
 
 
-def measure(model: str, image: Path, cluster: inventory.Cluster, root: Path) -> None:
+def measure(model: str, cluster: inventory.Cluster, make: Callable[[str], ClusterVMs]) -> None:
     accel.TCG = accel.Accel("tcg", ("-accel", "tcg,thread=multi", "-cpu", model))
     accel.choose.cache_clear()
-    vms = ClusterVMs(cluster, image, Paths(root / "dist", root / "state", root / f"runs-{model}"))
+    vms = make(f"runs-{model}")
     assert vms.accel == accel.TCG, "TCG only: under KVM the nodes get the host's CPU"
     start = time.monotonic()
     vms.up(["s1"])
@@ -49,13 +48,9 @@ def measure(model: str, image: Path, cluster: inventory.Cluster, root: Path) -> 
 
 
 def main() -> None:
-    image = build_image(BuildContext.create()).qcow2
-    cluster = inventory.load(REPO / "examples" / "cluster.yaml")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        render.render(cluster, root / "dist", root / "state")
+    with example_cluster() as (cluster, make):
         for model in sys.argv[1:] or ["max", "qemu64"]:
-            measure(model, image, cluster, root)
+            measure(model, cluster, make)
 
 
 if __name__ == "__main__":

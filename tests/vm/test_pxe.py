@@ -200,6 +200,7 @@ def install_then_boot_from_disk(site: Site, node: inventory.Node, rundir: Path, 
     assert localboot == (firmware == "uefi"), log
 
 
+@pytest.mark.all_only
 def test_pxe_bios_install_then_boot_from_disk(site: Site, rundir: Path) -> None:
     """SeaBIOS: after the install, iPXE exits and the firmware boots the next device."""
     install_then_boot_from_disk(site, site.cluster.node("s1"), rundir, "bios")
