@@ -22,7 +22,7 @@ from clusterforge.ssh import Target
 from clusterforge.vm.machine import Drive, Machine, MachineSpec, Nic
 from clusterforge.vm.network import ClusterNet
 
-from .conftest import REPO, RUNS
+from .conftest import REPO, RUNS, forge
 
 INVENTORY = REPO / "qemu" / "pxe.yaml"
 STRANGER = "52:54:00:00:01:99"
@@ -185,6 +185,9 @@ def pxe_machine(site: Site, name: str, mac: str, rundir: Path, firmware: str, di
 
 
 def install_then_boot_from_disk(site: Site, node: inventory.Node, rundir: Path, firmware: str) -> None:
+    # state/ is the repository's own (pxe.serve as typed), kept across runs: the node may be
+    # marked installed by an earlier run. Undone as the README says.
+    forge("pxe.reinstall", node.name, "--inventory", str(INVENTORY.relative_to(REPO)))
     with Machine(pxe_machine(site, node.name, node.mac, rundir, firmware, disk=True), rundir) as m:
         m.wait_console(rf"machine {node.mac} is node {node.name}", 900, phase="installer")
         m.wait_console(rf"installed {node.name} on /dev/vda", 900, phase="installed")
