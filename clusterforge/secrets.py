@@ -241,7 +241,7 @@ def _ensure_ca(state: Path, cluster: Cluster, rekey: bool) -> tuple[ec.EllipticC
         why = ("missing" if not cert_path.exists() else "damaged" if cert is None
                else "not made from ca.key" if cert.public_key() != key.public_key()
                else "expiring" if _expiring(cert) else "")
-        candidate = ca_certificate(key, f"clusterforge {cluster.name} CA") if why else cert
+        candidate = _cluster_ca(key, cluster) if why else cert
         assert candidate is not None
         _check_issuer(state, key_path, candidate)
         if why:
@@ -253,7 +253,7 @@ def _ensure_ca(state: Path, cluster: Cluster, rekey: bool) -> tuple[ec.EllipticC
             hint="restore it from a backup of state/; or re-key the cluster with ./forge render --rekey "
                  "(every node then needs its new seed)")
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = ca_certificate(key, f"clusterforge {cluster.name} CA")
+    cert = _cluster_ca(key, cluster)
     write_atomic(key_path, _pem_key(key), mode=0o600)
     write_atomic(cert_path, _pem(cert).encode(), mode=0o644)
     return key, cert
@@ -284,6 +284,10 @@ def _issued_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
 
 def _expiring(cert: x509.Certificate) -> bool:
     return cert.not_valid_after_utc < datetime.datetime.now(datetime.UTC) + RENEW_BEFORE
+
+
+def _cluster_ca(key: ec.EllipticCurvePrivateKey, cluster: Cluster) -> x509.Certificate:
+    return ca_certificate(key, f"clusterforge {cluster.name} CA")
 
 
 def ca_certificate(key: ec.EllipticCurvePrivateKey, common_name: str, days: int = CERT_DAYS) -> x509.Certificate:
