@@ -235,8 +235,9 @@ def forget(inventory: str, mac_text: str, paths: Paths) -> str:
         records = identity.Records.read(state)
         record = records.by_mac[mac]
         records.forget(mac)
-        secrets_mod.forget_node(state, mac.replace(":", "-"))
-    return f"released {record.name} ({record.ip}), kept for {mac}; its keys are deleted"
+        secrets_mod.forget_node(state, mac.replace(":", "-"), record.name, "state.forget")
+    return (f"released {record.name} ({record.ip}), kept for {mac}; its keys are deleted and its certificate "
+            "revoked (the next cluster.publish tells a running cluster)")
 
 
 def verify(inventory: str, paths: Paths, keep: bool, faults: bool = False) -> Any:

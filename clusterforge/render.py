@@ -198,6 +198,7 @@ def seed_files(cluster: Cluster, node: Node, secrets: secrets_mod.ClusterSecrets
         SeedFile(f"{pki}/{seedlib.CA_CERT}", "0644", secrets.ca_cert),
         SeedFile(f"{pki}/{seedlib.NODE_CERT}", "0644", own.tls_cert),
         SeedFile(f"{pki}/{seedlib.NODE_KEY}", "0600", own.tls_key),
+        SeedFile(f"{pki}/{seedlib.CRL}", "0644", secrets.crl),
     ]
     on = cluster.services.enabled
     wanted: list[tuple[bool, str, str | bytes]] = [

@@ -13,6 +13,7 @@ Layout of state/<cluster>/ (0700):
     munge.key k3s-token ceph-fsid ceph/{mon,client.admin,client.bootstrap-osd}.key
     ssh/id_ed25519[.pub]          clusterforge's own key to the nodes
     nodes.json                    names and addresses given to each MAC (identity.py)
+    revoked.json crl.pem          revoked node certificates and their CRL (revocation.py)
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from . import fsutil
+from . import fsutil, revocation
 from .fsutil import write_atomic
 from .inventory import Cluster, Node, Role
 from .log import die, info
@@ -72,6 +73,7 @@ class ClusterSecrets:
     operator_ssh_public: str  # clusterforge's own key, so its tools can reach every node
     operator_ssh_private: Path
     nodes: dict[str, NodeSecrets]  # by node name
+    crl: str  # PEM: the certificates the CA revoked (nodes removed or replaced)
 
     def node(self, node: Node) -> NodeSecrets:
         return self.nodes[node.name]
@@ -138,10 +140,16 @@ def _ensure(state: Path, cluster: Cluster, rekey: bool) -> ClusterSecrets:
         operator_ssh_public=_ensure_ssh_key(ssh_private, f"clusterforge@{cluster.name}"),
         operator_ssh_private=ssh_private,
         nodes=nodes,
+        crl=revocation.ensure_crl(state, ca_key, ca_cert),
     )
 
 
-def forget_node(state: Path, mac_hyphen: str) -> None:
+def forget_node(state: Path, mac_hyphen: str, name: str, why: str) -> None:
+    """Delete a node's keys; its certificate is revoked first (the next publish tells the
+    cluster), so a machine that is gone cannot use it again."""
+    cert = state / "nodes" / mac_hyphen / "tls.crt"
+    if _load_cert(cert) is not None:
+        revocation.revoke(state, cert.read_text(), name, mac_hyphen.replace("-", ":"), why)
     shutil.rmtree(state / "nodes" / mac_hyphen, ignore_errors=True)
 
 

@@ -23,9 +23,10 @@ SCHEMA_VERSION = 2
 CONFIG_DIR = Path("/etc/clusterforge")
 CLUSTER_JSON = "cluster.json"
 IDENTITY_JSON = "identity.json"
-PKI_DIR = "pki"  # ca.crt, node.crt, node.key
+PKI_DIR = "pki"  # ca.crt, node.crt, node.key, crl.pem
 SECRETS_DIR = "secrets"  # one file per secret, 0600
 CA_CERT, NODE_CERT, NODE_KEY = "ca.crt", "node.crt", "node.key"
+CRL = "crl.pem"  # the certificates the CA revoked; the agent keeps it current (agent/revoked.py)
 
 # The NoCloud seed's files, as cloud-init reads them from a CD, a directory or a URL.
 NOCLOUD_FILES = ("user-data", "meta-data", "network-config")

@@ -52,7 +52,7 @@ def make_ca(directory: Path, name: str) -> CA:
     return CA(key, cert, path)
 
 
-def issue(ca: CA, directory: Path, name: str) -> TLSFiles:
+def issue(ca: CA, directory: Path, name: str, ips: tuple[str, ...] = ("127.0.0.1",)) -> TLSFiles:
     """A leaf certificate as the cluster's nodes get one: both usages, loopback SANs."""
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -66,7 +66,7 @@ def issue(ca: CA, directory: Path, name: str) -> TLSFiles:
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]), critical=False)
+            x509.DNSName("localhost"), *(x509.IPAddress(ipaddress.IPv4Address(ip)) for ip in ips)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         # etcd dials its peers (and its own gateway) with the server certificate: both usages.
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,

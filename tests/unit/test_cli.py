@@ -155,7 +155,8 @@ def test_state_forget(lab: Path) -> None:
 
     proc = forge("state.forget", "52-54-00-00-00-51", *args, cwd=lab)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "released c1 (10.0.0.51), kept for 52:54:00:00:00:51; its keys are deleted"
+    assert proc.stdout.strip() == ("released c1 (10.0.0.51), kept for 52:54:00:00:00:51; its keys are deleted and its "
+                                   "certificate revoked (the next cluster.publish tells a running cluster)")
     assert not (lab / "st/lab/nodes/52-54-00-00-00-51").exists()
     proc = forge("state.forget", "52:54:00:00:00:51", *args, cwd=lab)
     assert proc.returncode == 1 and f"error: {lab}/st/lab keeps nothing for 52:54:00:00:00:51" in proc.stderr

@@ -399,8 +399,11 @@ def test_state_forget_releases_an_absent_mac(lab: Lab) -> None:
 
     # Any spelling of the MAC; its record and keys are gone; its name can be given again.
     assert cli.forget(str(lab.inventory), "5254.0000.0052", lab.paths) == (
-        "released c2 (10.0.0.52), kept for 52:54:00:00:00:52; its keys are deleted")
+        "released c2 (10.0.0.52), kept for 52:54:00:00:00:52; its keys are deleted and its certificate revoked "
+        "(the next cluster.publish tells a running cluster)")
     assert c2 not in lab.records()
+    revoked = json.loads((lab.state / "lab/revoked.json").read_text())["revoked"]
+    assert [(r["node"], r["mac"], r["why"]) for r in revoked.values()] == [("c2", "52:54:00:00:00:52", "state.forget")]
     assert not (lab.state / "lab/nodes/52-54-00-00-00-52").exists()
     with pytest.raises(UserError, match="keeps nothing for 52:54:00:00:00:52"):
         cli.forget(str(lab.inventory), c2, lab.paths)

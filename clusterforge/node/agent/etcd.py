@@ -8,29 +8,34 @@ data directory that does not belong to this cluster is moved aside, not removed.
 
 Non-core nodes are clients: they need the core members' client URLs and their own
 certificate, nothing more. On every node `etcdctl` works for root with no flags.
+
+etcd refuses the certificates the cluster CA revoked (a node removed or replaced): every
+node keeps the CA's newest CRL, from its seed, `cluster.publish` or etcd, whichever has
+the highest number, and etcd reads it again for every connection.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..seed import Role, Service
-from . import host
+from ..seed import CRL, Role, Service
+from . import host, pki
 from .context import ETCD_CLIENT_PORT, ETCD_PEER_PORT, Ctx
 from .core import Plan, State, Status, Step, Wait
-from .etcd_client import EtcdError, Member
+from .etcd_client import EtcdError, Member, compare_create_revision, compare_value, op_put
 
 name = "etcd"
 needs: tuple[str, ...] = ()
 
 UNIT = "clusterforge-etcd.service"
 CONF_DIR = Path("/etc/clusterforge/etcd")
-CONFIG = CONF_DIR / "etcd.conf.yml"
+CONFIG = CONF_DIR / "etcd.env"  # the unit's EnvironmentFile
 TLS_DIR = CONF_DIR / "tls"  # copies the etcd user can read
 ETCDCTL = Path("/usr/local/bin/etcdctl")
+CRL_KEY = "/clusterforge/crl"  # the CA's newest CRL (PEM): signed, so it may pass through etcd
 OWNER = "etcd"
 # Emulated machines stall for seconds; the defaults (100/1000 ms) make them elect forever.
 HEARTBEAT_MS = 500
@@ -59,6 +64,17 @@ def applies(ctx: Ctx) -> bool:
 
 
 @dataclass(frozen=True)
+class Crl:
+    """The CA's list of revoked certificates, here and in etcd: numbers of CRLs the CA signed
+    (None: none, or not one the CA signed). `cluster.publish` brings a newer one to the core
+    nodes; through etcd it reaches every node."""
+
+    local: int | None
+    etcd: int | None
+    etcd_text: str | None  # what etcd holds (None: nothing), for a compare-and-swap
+
+
+@dataclass(frozen=True)
 class Facts:
     tls_ok: bool  # the etcd user's copies of the node's certificate and key are current
     etcdctl_ok: bool
@@ -69,6 +85,7 @@ class Facts:
     members: tuple[Member, ...] | None  # None: no member answered
     members_why: str  # why None
     healthy: dict[str, bool]  # core node name -> its member answers with a leader
+    crl: Crl = field(default_factory=lambda: Crl(None, None, None))  # recorded facts may lack it
 
 
 def facts(ctx: Ctx) -> Facts:
@@ -87,9 +104,10 @@ def facts(ctx: Ctx) -> Facts:
                 healthy[node.name] = bool(status.leader) and not status.errors
             except EtcdError:
                 healthy[node.name] = False
+    crl = crl_facts(ctx, reachable=members is not None)
     if not ctx.core:
         return Facts(True, host.file_is(ETCDCTL, etcdctl_wrapper(ctx), 0o755), None, False, False, unit,
-                     members, why, healthy)
+                     members, why, healthy, crl)
     tls_ok = all(host.file_is(TLS_DIR / target, host.read(source) or b"", mode, OWNER)
                  for target, source, mode in tls_files(ctx))
     return Facts(
@@ -98,13 +116,36 @@ def facts(ctx: Ctx) -> Facts:
         config=host.read_text(CONFIG),
         data_present=(data_dir(ctx) / "member").is_dir(),
         joined=joined_marker(ctx).exists(),
-        unit=unit, members=members, members_why=why, healthy=healthy,
+        unit=unit, members=members, members_why=why, healthy=healthy, crl=crl,
     )
+
+
+def crl_facts(ctx: Ctx, reachable: bool) -> Crl:
+    local = host.read_text(ctx.seed.pki(CRL))
+    etcd_text = None
+    if reachable:
+        try:
+            kv = ctx.etcd.get(CRL_KEY)
+            etcd_text = kv.value.decode(errors="replace") if kv is not None else None
+        except EtcdError:
+            pass
+    return Crl(crl_number(local, ctx.tls.ca), crl_number(etcd_text, ctx.tls.ca), etcd_text)
+
+
+@functools.lru_cache(maxsize=8)
+def _crl_number(pem: str, ca: str, ca_text: str) -> int | None:
+    return pki.crl_number(pem, Path(ca))
+
+
+def crl_number(pem: str | None, ca: Path) -> int | None:
+    """Checked with openssl once per CRL and CA, not once per pass."""
+    return None if not pem else _crl_number(pem, str(ca), host.read_text(ca) or "")
 
 
 def tls_files(ctx: Ctx) -> list[tuple[str, Path, int]]:
     tls = ctx.tls
-    return [("ca.crt", tls.ca, 0o644), ("node.crt", tls.cert, 0o644), ("node.key", tls.key, 0o600)]
+    return [("ca.crt", tls.ca, 0o644), ("node.crt", tls.cert, 0o644), ("node.key", tls.key, 0o600),
+            ("crl.pem", ctx.seed.pki(CRL), 0o644)]
 
 
 def etcdctl_wrapper(ctx: Ctx) -> str:
@@ -119,12 +160,11 @@ def etcdctl_wrapper(ctx: Ctx) -> str:
 
 
 def config(ctx: Ctx, state: str, initial: dict[str, str]) -> str:
-    """etcd's config file (JSON is YAML). TLS on both ports with client certificates; no
-    plaintext listener at all."""
+    """etcd's settings as the unit's environment file (ETCD_<FLAG>=value): etcd 3.4 takes its
+    CRL only as a flag or from the environment, and a config file would make it ignore both.
+    TLS on both ports with client certificates and the CA's CRL; no plaintext listener at all."""
     me = ctx.me
-    security = {"cert-file": str(TLS_DIR / "node.crt"), "key-file": str(TLS_DIR / "node.key"),
-                "trusted-ca-file": str(TLS_DIR / "ca.crt"), "client-cert-auth": True}
-    doc = {
+    settings = {
         "name": me.name,
         "data-dir": str(data_dir(ctx)),
         "listen-peer-urls": peer_url(me.ip),
@@ -136,19 +176,30 @@ def config(ctx: Ctx, state: str, initial: dict[str, str]) -> str:
         "initial-cluster-token": f"clusterforge-{ctx.seed.cluster.name}",
         "heartbeat-interval": HEARTBEAT_MS,
         "election-timeout": ELECTION_MS,
-        "client-transport-security": security,
-        "peer-transport-security": security,
+        "cert-file": TLS_DIR / "node.crt",
+        "key-file": TLS_DIR / "node.key",
+        "trusted-ca-file": TLS_DIR / "ca.crt",
+        "client-cert-auth": True,
+        # Read again for every new connection: a revoked node is refused from its next one.
+        "client-crl-file": TLS_DIR / "crl.pem",
+        "peer-cert-file": TLS_DIR / "node.crt",
+        "peer-key-file": TLS_DIR / "node.key",
+        "peer-trusted-ca-file": TLS_DIR / "ca.crt",
+        "peer-client-cert-auth": True,
+        "peer-crl-file": TLS_DIR / "crl.pem",
         "auto-compaction-mode": "periodic",
         "auto-compaction-retention": "1h",
         "strict-reconfig-check": True,
         "enable-v2": False,
-        # A config file starts from zero values, not the command line's defaults: the JSON
-        # gateway (the agent's client) must be asked for.
-        "enable-grpc-gateway": True,
+        "enable-grpc-gateway": True,  # the agent's client speaks the JSON gateway
         "logger": "zap",
-        "log-outputs": ["stderr"],
+        "log-outputs": "stderr",
     }
-    return json.dumps(doc, indent=2) + "\n"
+    return "".join(f"ETCD_{key.upper().replace('-', '_')}={_env_value(value)}\n" for key, value in settings.items())
+
+
+def _env_value(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def seed_members(ctx: Ctx) -> dict[str, str]:
@@ -161,7 +212,7 @@ def plan(ctx: Ctx, f: Facts) -> Plan:
         steps.append(Step("etcd: install etcdctl settings", "etcdctl must work for root with no flags",
                           lambda: host.write(ETCDCTL, etcdctl_wrapper(ctx), 0o755)))
     if not ctx.core:
-        return steps
+        return steps or plan_crl(ctx, f)
     if not f.tls_ok:
         steps.append(Step("etcd: install TLS files", "the etcd user reads a copy of the node's certificate",
                           lambda: install_tls(ctx)))
@@ -176,7 +227,29 @@ def plan(ctx: Ctx, f: Facts) -> Plan:
     if f.unit.running and all(f.healthy.get(n, False) for n in (ctx.me.name,)) and not f.joined:
         return [Step("etcd: remember that this member served", "its data is not optional from now on",
                      lambda: host.write(joined_marker(ctx), f"{time.time():.0f}\n"))]
+    return plan_crl(ctx, f)
+
+
+def plan_crl(ctx: Ctx, f: Facts) -> list[Step]:
+    """The newest CRL the CA signed, here and in etcd: a lower number never replaces a higher."""
+    local, remote = f.crl.local, f.crl.etcd
+    if remote is not None and (local is None or remote > local):
+        text = f.crl.etcd_text or ""
+        return [Step("etcd: take the newer CRL from etcd", f"number {remote} (this node had {local})",
+                     lambda: host.write(ctx.seed.pki(CRL), text, 0o644))]
+    if local is not None and f.members is not None and (remote is None or local > remote):
+        old = f.crl.etcd_text
+        return [Step("etcd: publish the CRL", f"number {local}; every node takes it from etcd",
+                     lambda: publish_crl(ctx, old))]
     return []
+
+
+def publish_crl(ctx: Ctx, old: str | None) -> None:
+    """Put this node's CRL in etcd unless another node changed it meanwhile (the next pass
+    compares again)."""
+    text = host.read_text(ctx.seed.pki(CRL)) or ""
+    compare = compare_create_revision(CRL_KEY, 0) if old is None else compare_value(CRL_KEY, old)
+    ctx.etcd.txn([compare], [op_put(CRL_KEY, text)], [])
 
 
 def plan_membership(ctx: Ctx, f: Facts) -> Plan:
@@ -222,12 +295,12 @@ def plan_membership(ctx: Ctx, f: Facts) -> Plan:
 
 
 def initial_settings(text: str | None) -> tuple[str, dict[str, str]] | None:
-    """The initial-cluster settings a config file was written with."""
+    """The initial-cluster settings the environment file was written with."""
+    env = dict(line.split("=", 1) for line in (text or "").splitlines() if "=" in line)
     try:
-        doc = json.loads(text or "")
-        members = dict(item.split("=", 1) for item in doc["initial-cluster"].split(","))
-        return str(doc["initial-cluster-state"]), members
-    except (ValueError, KeyError, TypeError, AttributeError):
+        members = dict(item.split("=", 1) for item in env["ETCD_INITIAL_CLUSTER"].split(","))
+        return env["ETCD_INITIAL_CLUSTER_STATE"], members
+    except (ValueError, KeyError):
         return None
 
 

@@ -1,22 +1,27 @@
 """The WireGuard mesh: every node a peer of every other, on the inventory's overlay addresses.
 
 Peers come from the seed (a core node's seed lists every node, another node's the core
-nodes and itself) and, for nodes the seed does not list, from etcd: each node publishes
-its own certificate and endpoint there, and a peer's WireGuard key and overlay address are
-taken only from a certificate the cluster CA signed. A node can publish its own entry,
-never forge another's key. `wg syncconf` applies a changed peer list without dropping
-live sessions. The private key reaches `wg` on standard input only.
+nodes and itself) and from etcd: each node publishes its own certificate and endpoint
+there, and a peer's WireGuard key and overlay address are taken only from a certificate
+the cluster CA signed and has not revoked. A node can publish its own entry, never forge
+another's key. What etcd vouches for wins over an older seed (a replaced node comes with
+a new key); a removed node's revoked certificate counts for nothing. `wg syncconf` applies
+a changed peer list without dropping live sessions. The private key reaches `wg` on
+standard input only.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import tempfile
 import time
 from dataclasses import dataclass
+from ipaddress import IPv4Network
 from pathlib import Path
 
 from ...run import run
-from ..seed import WIREGUARD_KEY, Service
+from ..seed import CRL, WIREGUARD_KEY, Service
 from . import host, pki
 from .context import Ctx
 from .core import Plan, State, Status, Step
@@ -52,7 +57,7 @@ class Facts:
     public_key: str  # of the interface ("" if none); never the private key
     port: int
     peers: dict[str, tuple[str, str, int]]  # public key -> (endpoint, allowed ips, latest handshake)
-    published: dict[str, Peer]  # nodes beyond the seed, from certificates in etcd (checked)
+    published: dict[str, Peer]  # from certificates in etcd the CA vouches for (checked, not revoked)
     mine_published: bool  # my certificate and endpoint are in etcd as they should be
     etcd_reachable: bool
     now: int
@@ -84,24 +89,37 @@ def facts(ctx: Ctx) -> Facts:
 
 
 def read_published(ctx: Ctx) -> tuple[dict[str, Peer], bool]:
-    """Peers from etcd that the seed does not list, each from a certificate the CA signed."""
-    seen = {n.name for n in ctx.seed.cluster.nodes}
+    """Peers from etcd, each from a certificate the CA signed and has not revoked."""
     entries: dict[str, dict[str, str]] = {}
     for kv in ctx.etcd.get_prefix(NODES_PREFIX):
         node, _, field = kv.key.removeprefix(NODES_PREFIX).partition("/")
         entries.setdefault(node, {})[field] = kv.value.decode(errors="replace")
     peers = {}
+    crl = host.read_text(ctx.seed.pki(CRL)) or ""
     for node, entry in entries.items():
-        if node in seen or "cert" not in entry or "endpoint" not in entry:
+        if node == ctx.me.name or "cert" not in entry or "endpoint" not in entry:
             continue
-        cert = pki.check(entry["cert"], ctx.tls.ca, ctx.seed.cluster.network.overlay)
+        cert = vouched(entry["cert"], crl, ctx)
         if cert is None or cert.name != node or not cert.wireguard_key or not cert.overlay_ip:
-            continue  # not vouched for by the CA, or not for this name: ignored
+            continue  # not vouched for by the CA (or revoked), or not for this name: ignored
         peers[node] = Peer(node, cert.wireguard_key, entry["endpoint"], cert.overlay_ip)
     mine = entries.get(ctx.me.name, {})
     own_cert = (host.read_text(ctx.tls.cert) or "").strip()
     mine_ok = mine.get("cert", "").strip() == own_cert and mine.get("endpoint") == my_endpoint(ctx)
     return peers, mine_ok
+
+
+@functools.lru_cache(maxsize=256)
+def _vouched(pem: str, crl: str, ca: str, overlay: IPv4Network) -> pki.Vouched | None:
+    with tempfile.NamedTemporaryFile("w", suffix=".pem") as f:  # openssl reads the CRL from a file
+        f.write(crl)
+        f.flush()
+        return pki.check(pem, Path(ca), overlay, crl=Path(f.name) if crl else None)
+
+
+def vouched(pem: str, crl: str, ctx: Ctx) -> pki.Vouched | None:
+    """pki.check once per certificate and CRL, not once per pass."""
+    return _vouched(pem, crl, str(ctx.tls.ca), ctx.seed.cluster.network.overlay)
 
 
 def my_endpoint(ctx: Ctx) -> str:
@@ -111,8 +129,7 @@ def my_endpoint(ctx: Ctx) -> str:
 def wanted_peers(ctx: Ctx, f: Facts) -> dict[str, Peer]:
     peers = {n.name: Peer(n.name, n.wireguard_public, f"{n.ip}:{PORT}", str(n.overlay_ip))
              for n in ctx.seed.cluster.nodes if n.name != ctx.me.name and n.wireguard_public}
-    for node, peer in f.published.items():
-        peers.setdefault(node, peer)
+    peers.update(f.published)  # vouched for by the CA now: newer than any seed
     return peers
 
 
