@@ -93,14 +93,14 @@ def build_qcow2(ctx: BuildContext) -> Path:
         work = work_dir(ctx)
         remove_path(work)
         work.mkdir(parents=True)
-        built = run_packer(ctx, work, accel_mod.choose(), instance=key[:12])
+        built = run_packer(ctx, work, accel_mod.choose(ctx.out), instance=key[:12])
         compress(built, tmp)
         # The key is throwaway and the image no longer trusts it; don't keep it around.
         for leftover in ("out", "packer_cache", "payload.tar", "build-key", "build-key.pub"):
             remove_path(work / leftover)
         info(f"packer: {human_bytes(tmp.stat().st_size)}")
 
-    return cached_stage("packer", out, key, build, f"{out.name} ({accel_mod.choose().name})")
+    return cached_stage("packer", out, key, build, f"{out.name} ({accel_mod.choose(ctx.out).name})")
 
 
 def compress(built: Path, out: Path) -> None:

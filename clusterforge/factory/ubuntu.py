@@ -73,7 +73,7 @@ def build_ubuntu_qcow2(ctx: BuildContext, iso: Path) -> Path:
     out = ctx.out / "images" / f"{NAME}.qcow2"
     work = ctx.cache / "packer-ubuntu"
     _check_iso(iso)
-    accel = accel_mod.choose()
+    accel = accel_mod.choose(ctx.out)
     with stage(f"packer: {out.name} from {iso.name} ({accel.name})"), atomic_path(out) as tmp:
         template = prepare(ctx, iso, work, accel)
         env = {k: v for k, v in os.environ.items() if k not in ("PACKER_LOG", "PACKER_LOG_PATH")}

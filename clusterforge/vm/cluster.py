@@ -92,7 +92,7 @@ class ClusterVMs:
     @property
     def accel(self) -> Accel:
         if self._accel is None:
-            self._accel = choose()
+            self._accel = choose(self.paths.out)
         return self._accel
 
     @property
