@@ -4,13 +4,16 @@
    published manifest and inventory, its seed's cluster.json and CA.
 2. Refuse, before anything is rendered or sent, what a running cluster cannot take in place:
    another cluster, domain, subnet, overlay or VIP, services turned on or off, a new name or
-   address for a node it runs, core nodes added or removed, a CA it does not trust.
+   address for a node it runs, core nodes added or removed, a CA it does not trust; and what
+   only cluster.remove and cluster.replace (membership.py) do safely: a running node left
+   out, a running node's name on other hardware.
 3. Render the inventory for the cluster's own PXE (the iPXE scripts on http://<VIP>:8080) into
    <out>/published/<cluster>/, issuing certificates of new nodes on this host (<out>/<cluster>/
    stays what `pxe.serve` renders); build the netboot files (unless network.pxe is off).
 4. List every file to publish with its sha256 (the manifest), and send each core node only
-   the files that differ from its manifest, and its cluster.json when the core seed (which
-   lists every node) changed, as one tar over the SSH connection (pxepublish.receive).
+   the files that differ from its manifest, its cluster.json when the core seed (which lists
+   every node) changed, and the CA's CRL when it is not the node's, as one tar over the SSH
+   connection (pxepublish.receive).
 
 The decisions (refusals(), decide()) are pure functions of what the nodes said and what was
 rendered; the rest is I/O.
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import render as render_mod
+from . import revocation
 from .fsutil import write_atomic
 from .inventory import HTTP_PORT, Cluster, Node, PxeMode, Role
 from .log import die, human_bytes, info
@@ -76,12 +80,13 @@ class Remote:
     inventory: str | None  # the published inventory.json
     cluster_json: str | None  # /etc/clusterforge/cluster.json (a core node's lists every node)
     ca: str | None
+    crl: str | None = None  # the CA's list of revoked certificates the node has
 
     @classmethod
     def parse(cls, node: str, text: str) -> Remote:
         try:
             d = json.loads(text)
-            return cls(node, d["manifest"], d["inventory"], d["cluster_json"], d["ca"])
+            return cls(node, d["manifest"], d["inventory"], d["cluster_json"], d["ca"], d.get("crl"))
         except (ValueError, KeyError, TypeError):
             die(f"{node} answered the publish's question with something it cannot read",
                 hint="is its image older than this checkout? ./forge cluster.sync-agent (QEMU) or reinstall it")
@@ -99,8 +104,12 @@ class Remote:
 # ---------------------------------------------------------------- the decisions (pure)
 
 
-def refusals(running: ClusterSeed, new: Cluster, ca: str | None, local_ca: str | None) -> list[str]:
-    """What a running cluster cannot take in place, one line each; [] when it can."""
+def refusals(running: ClusterSeed, new: Cluster, ca: str | None, local_ca: str | None,
+             removing: frozenset[str] = frozenset(), retired: frozenset[str] = frozenset()) -> list[str]:
+    """What a running cluster cannot take in place, one line each; [] when it can.
+
+    `removing`: names cluster.remove is taking out (they may leave the inventory); `retired`:
+    MACs whose machines cluster.replace retired (their names may move to new hardware)."""
     found = []
     if running.name != new.name:
         return [f"the nodes run cluster {running.name}, the inventory is cluster {new.name}"]
@@ -117,20 +126,35 @@ def refusals(running: ClusterSeed, new: Cluster, ca: str | None, local_ca: str |
         found.append(f"services turned on or off ({', '.join(changed)}): the running nodes' seeds "
                      "hold no keys for them")
     known = {n.mac: n for n in running.nodes}
+    by_name = {n.name: n for n in running.nodes}
     for node in new.nodes:
         old = known.get(node.mac)
         if old is not None and (old.name, old.ip, old.overlay_ip) != (node.name, node.ip, node.overlay_ip):
             found.append(f"{node.mac} runs as {old.name} ({old.ip}, overlay {old.overlay_ip}); the inventory makes "
                          f"it {node.name} ({node.ip}, overlay {node.overlay_ip}): a running node keeps its name "
                          "and address")
-    core_old = {n.mac: n.name for n in running.with_role(Role.CORE)}
-    core_new = {n.mac: n.name for n in new.with_role(Role.CORE)}
-    added = [name for mac, name in core_new.items() if mac not in core_old]
-    removed = [name for mac, name in core_old.items() if mac not in core_new]
+        was = by_name.get(node.name)
+        if old is None and was is not None and was.mac not in retired:
+            found.append(f"{node.name} runs on {was.mac}; the inventory puts it on {node.mac}: new hardware takes a "
+                         f"node's place through ./forge cluster.replace {node.name} --mac {node.mac} (it retires the "
+                         "old machine's etcd member, monitor and OSDs, and revokes its certificate)")
+    names = {n.name for n in new.nodes}
+    gone = [n.name for n in running.nodes if n.name not in names and n.name not in removing
+            and not n.has(Role.CORE)]
+    if gone:
+        them = "it" if len(gone) == 1 else "them"
+        found.append(f"{', '.join(gone)} left the inventory, but the cluster runs {them}: "
+                     f"./forge cluster.remove {gone[0]} takes a node out safely (drains SLURM, moves its data to the "
+                     "other storage nodes, revokes its certificate)")
+    core_old = {n.name: n for n in running.with_role(Role.CORE)}
+    core_new = {n.name: n for n in new.with_role(Role.CORE)}
+    added = [name for name in core_new if name not in core_old]
+    removed = [name for name in core_old if name not in core_new]
     if added or removed:
         what = "; ".join(f"{label}: {', '.join(names)}" for label, names in (("added", added), ("removed", removed))
                          if names)
-        found.append(f"the core nodes change ({what}): etcd's members and Ceph's monitors cannot change in place")
+        found.append(f"the core nodes change ({what}): etcd's members and Ceph's monitors cannot change in place "
+                     "(a core node's hardware is replaced with ./forge cluster.replace)")
     if ca is not None and local_ca is not None and ca.strip() != local_ca.strip():
         found.append("the cluster trusts another CA than the one in state/ (was it rendered with --rekey, or from "
                      "another state/?)")
@@ -144,17 +168,18 @@ class Change:
     send: tuple[str, ...]  # paths (of the manifest) that differ or are missing there
     delete: tuple[str, ...]  # paths it has that are published no more
     cluster_json: bool  # its cluster.json is not the new core seed
+    crl: bool = False  # its CRL is not state/'s
 
     @property
     def empty(self) -> bool:
-        return not (self.send or self.delete or self.cluster_json)
+        return not (self.send or self.delete or self.cluster_json or self.crl)
 
 
-def decide(manifest: Manifest, core_seed: str, remote: Remote, cluster: str) -> Change:
+def decide(manifest: Manifest, core_seed: str, remote: Remote, cluster: str, crl: str | None = None) -> Change:
     have = remote.manifest or {}
     send = tuple(sorted(p for p, entry in manifest.items() if have.get(p) != entry))
     delete = tuple(sorted(p for p in have if p not in manifest and pxepublish.safe_path(p, cluster)))
-    return Change(send, delete, remote.cluster_json != core_seed)
+    return Change(send, delete, remote.cluster_json != core_seed, crl is not None and remote.crl != crl)
 
 
 def describe(change: Change, manifest: Manifest) -> str:
@@ -164,7 +189,8 @@ def describe(change: Change, manifest: Manifest) -> str:
     what = ", ".join(shown[:SHOWN]) + (f" and {len(shown) - SHOWN} more" if len(shown) > SHOWN else "")
     size = sum(manifest[p]["size"] for p in change.send)
     parts = [f"sent {len(change.send)} files ({human_bytes(size)})" if change.send else "",
-             f"deleted {len(change.delete)}" if change.delete else "", "cluster.json" if change.cluster_json else ""]
+             f"deleted {len(change.delete)}" if change.delete else "", "cluster.json" if change.cluster_json else "",
+             "CRL" if change.crl else ""]
     return "; ".join(p for p in parts if p) + (f": {what}" if shown else "")
 
 
@@ -240,8 +266,9 @@ def _add(tar: tarfile.TarFile, name: str, size: int, mode: int, data: IO[bytes])
 
 
 def write_tar(out: IO[bytes], cluster: str, manifest: Manifest, change: Change, files: Mapping[str, Path],
-              core_seed: str) -> None:
-    """The publish as pxepublish.receive() reads it: the plan, the files that changed, cluster.json."""
+              core_seed: str, crl: str = "") -> None:
+    """The publish as pxepublish.receive() reads it: the plan, the files that changed, cluster.json,
+    the CRL."""
     plan = json.dumps({"cluster": cluster, "manifest": manifest, "delete": list(change.delete)}).encode()
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         _add(tar, pxepublish.PLAN, len(plan), 0o644, io.BytesIO(plan))
@@ -252,17 +279,20 @@ def write_tar(out: IO[bytes], cluster: str, manifest: Manifest, change: Change, 
         if change.cluster_json:
             data = core_seed.encode()
             _add(tar, pxepublish.CLUSTER_JSON, len(data), 0o644, io.BytesIO(data))
+        if change.crl:
+            data = crl.encode()
+            _add(tar, pxepublish.CRL, len(data), 0o644, io.BytesIO(data))
 
 
 def send(target: Target, cluster: str, manifest: Manifest, change: Change, files: Mapping[str, Path],
-         core_seed: str) -> None:
+         core_seed: str, crl: str = "") -> None:
     """One tar over the SSH connection's stdin; the node writes each file to a temporary name
     and renames it into place, and its manifest last."""
     argv = target.argv(RECEIVE_COMMAND)
     proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     try:
-        write_tar(proc.stdin, cluster, manifest, change, files, core_seed)
+        write_tar(proc.stdin, cluster, manifest, change, files, core_seed, crl)
         proc.stdin.close()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the node stopped reading: its own words say why
@@ -285,7 +315,8 @@ class Published:
     missed: list[str]  # core nodes that did not answer: they have the previous publish
 
 
-def publish(cluster: Cluster, paths: Paths) -> Published:
+def publish(cluster: Cluster, paths: Paths, removing: frozenset[str] = frozenset()) -> Published:
+    """`removing`: the names cluster.remove is taking out of the running cluster."""
     core = cluster.with_role(Role.CORE)
     if not core:
         die(f"cluster {cluster.name} has no core node to serve its PXE")
@@ -302,8 +333,9 @@ def publish(cluster: Cluster, paths: Paths) -> Published:
         die(f"no core node of cluster {cluster.name} answers over SSH:\n  " + "\n  ".join(unreachable),
             hint="is the cluster running? (./forge cluster.status for a QEMU cluster)")
     local_ca = _read(paths.cluster_state(cluster.name) / "ca.crt")
+    retired = frozenset(r.mac for r in revocation.read_revoked(paths.cluster_state(cluster.name)).values())
     problems = sorted({line for _, remote in remotes.values()
-                       for line in refusals(remote.running(), cluster, remote.ca, local_ca)})
+                       for line in refusals(remote.running(), cluster, remote.ca, local_ca, removing, retired)})
     if problems:
         die("the running cluster cannot take this inventory in place; nothing was rendered or sent:\n  - "
             + "\n  - ".join(problems),
@@ -323,13 +355,14 @@ def publish(cluster: Cluster, paths: Paths) -> Published:
     manifest = manifest_of(files, hashes)
     hashes.save()
     core_seed = (rendered / "inventory.json").read_text()  # a core node's cluster.json is the same file
+    crl = (paths.cluster_state(cluster.name) / revocation.CRL_FILE).read_text()  # made by the render
 
     lines = []
     for name, (target, remote) in remotes.items():
-        change = decide(manifest, core_seed, remote, cluster.name)
+        change = decide(manifest, core_seed, remote, cluster.name, crl)
         if not change.empty:
             info(f"{name}: sending ...")
-            send(target, cluster.name, manifest, change, files, core_seed)
+            send(target, cluster.name, manifest, change, files, core_seed, crl)
         lines.append(f"{name}: {describe(change, manifest)}")
     if all(line.endswith(": up to date") for line in lines):
         lines = [f"nothing changed, nothing sent ({', '.join(remotes)} up to date)"]

@@ -15,8 +15,9 @@ Standard library only: this runs on the core nodes, over SSH with clusterforge's
 The tar holds, in order: PLAN (the new manifest, the paths to delete), then files/<path> for
 each file that changed (each written to a temporary name beside its place, checked against
 the manifest, and renamed into place), then, when it changed, cluster.json (the core seed,
-replacing /etc/clusterforge/cluster.json atomically). The deletions and the manifest come
-last.
+replacing /etc/clusterforge/cluster.json atomically) and crl.pem (the CA's newest list of
+revoked certificates: taken only when the CA signed it and it is newer than the node's; the
+agent passes it on to every node through etcd). The deletions and the manifest come last.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ MANIFEST = "manifest.json"
 PLAN = "PLAN"
 FILES = "files/"
 CLUSTER_JSON = "cluster.json"
+CRL = "crl.pem"
 IMAGES = "images"
 MODES = {"0600": 0o600, "0644": 0o644}  # seeds (private keys) and everything else
 CHUNK = 1024 * 1024
@@ -85,6 +87,7 @@ def state(root: Path = ROOT, config: Path = seedlib.CONFIG_DIR) -> dict[str, Any
         "inventory": read_text(root / cluster / "inventory.json") if _PART.fullmatch(cluster) else None,
         "cluster_json": read_text(config / seedlib.CLUSTER_JSON),
         "ca": read_text(config / seedlib.PKI_DIR / seedlib.CA_CERT),
+        "crl": read_text(config / seedlib.PKI_DIR / seedlib.CRL),
     }
 
 
@@ -146,6 +149,20 @@ def _small(member: tarfile.TarInfo, data: IO[bytes]) -> bytes:
     return data.read()
 
 
+def _take_crl(text: str, pki_dir: Path) -> list[str]:
+    """The CA's CRL, when it is newer than this node's (a lower number never replaces a higher)."""
+    from .agent.pki import crl_number
+
+    number = crl_number(text, pki_dir / seedlib.CA_CERT)
+    if number is None:
+        raise PublishError("the publish's CRL is not one this cluster's CA signed")
+    have = crl_number(read_text(pki_dir / seedlib.CRL) or "", pki_dir / seedlib.CA_CERT)
+    if have is not None and have >= number:
+        return []
+    _write_small(pki_dir / seedlib.CRL, text.encode(), 0o644)
+    return [str(pki_dir / seedlib.CRL)]
+
+
 def receive(stream: IO[bytes], root: Path = ROOT, config: Path = seedlib.CONFIG_DIR) -> list[str]:
     """Take a publish in (see the module's docstring); the lines saying what changed."""
     done: list[str] = []
@@ -176,6 +193,8 @@ def receive(stream: IO[bytes], root: Path = ROOT, config: Path = seedlib.CONFIG_
                     raise PublishError(f"the publish is for cluster {cluster}, its seed for {new.cluster.name}")
                 _write_small(config / seedlib.CLUSTER_JSON, text, 0o644)
                 done.append(str(config / seedlib.CLUSTER_JSON))
+            elif member.name == CRL:
+                done += _take_crl(_small(member, data).decode(errors="replace"), config / seedlib.PKI_DIR)
             else:
                 raise PublishError(f"{member.name[:80]!r} has no place in a publish")
     if not cluster:
