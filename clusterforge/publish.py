@@ -133,9 +133,9 @@ def refusals(running: ClusterSeed, new: Cluster, ca: str | None, local_ca: str |
             found.append(f"{node.mac} runs as {old.name} ({old.ip}, overlay {old.overlay_ip}); the inventory makes "
                          f"it {node.name} ({node.ip}, overlay {node.overlay_ip}): a running node keeps its name "
                          "and address")
-        was = by_name.get(node.name)
-        if old is None and was is not None and was.mac not in retired:
-            found.append(f"{node.name} runs on {was.mac}; the inventory puts it on {node.mac}: new hardware takes a "
+        holder = by_name.get(node.name)
+        if old is None and holder is not None and holder.mac not in retired:
+            found.append(f"{node.name} runs on {holder.mac}; the inventory puts it on {node.mac}: new hardware takes a "
                          f"node's place through ./forge cluster.replace {node.name} --mac {node.mac} (it retires the "
                          "old machine's etcd member, monitor and OSDs, and revokes its certificate)")
     names = {n.name for n in new.nodes}
