@@ -263,6 +263,22 @@ def publish(c, inventory="", out="", state="", runs="", verbose=False):
         raise SystemExit(1)
 
 
+@task(help=opts("node", "inventory", *PATHS, "verbose"))
+@user_errors
+def remove(c, node, inventory="", out="", state="", runs="", verbose=False):
+    """Take a non-core node out of the running cluster (delete it from the inventory first): drain it
+    in SLURM, move its data to the other storage nodes, revoke its certificate, publish."""
+    print("\n".join(cli.remove(inventory, node, Paths.resolve(out, state, runs))))
+
+
+@task(help={**opts("node", "inventory", *PATHS, "verbose"), "mac": "the new machine's MAC"})
+@user_errors
+def replace(c, node, mac="", inventory="", out="", state="", runs="", verbose=False):
+    """A new machine takes the place of a node whose machine is gone (same name and address): the old
+    etcd member, monitor and OSDs retired, its certificate revoked, the inventory's MAC changed, published."""
+    print("\n".join(cli.replace(inventory, node, mac, Paths.resolve(out, state, runs))))
+
+
 @task(name="sync-agent", help=opts("inventory", *PATHS, "verbose"))
 @user_errors
 def sync_agent(c, inventory="", out="", state="", runs="", verbose=False):
@@ -274,4 +290,4 @@ namespace = Collection(render, demo, verify, test, image, netboot, iso, usb, rel
 namespace.add_collection(Collection("pxe", serve, discovered, reinstall))
 namespace.add_collection(Collection("state", forget))
 namespace.add_collection(Collection("cluster", up, status, ssh, console, down, destroy, kill_, start,
-                                    partition, heal, pause, resume, publish, sync_agent))
+                                    partition, heal, pause, resume, publish, remove, replace, sync_agent))

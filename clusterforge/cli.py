@@ -203,6 +203,25 @@ def publish(inventory: str, paths: Paths) -> bool:
     return not published.missed
 
 
+def remove(inventory: str, name: str, paths: Paths) -> list[str]:
+    from .membership import remove as remove_node
+
+    cluster = load(inventory, paths)
+    debian_only(cluster, "cluster.remove")
+    return remove_node(cluster, name, paths)
+
+
+def replace(inventory: str, name: str, mac_text: str, paths: Paths) -> list[str]:
+    from .membership import replace as replace_node
+
+    if not mac_text:
+        raise UserError("cluster.replace needs the new machine's MAC", hint="--mac 52:54:00:12:34:56")
+    mac = parse_mac_argument(mac_text)
+    cluster = load(inventory, paths)
+    debian_only(cluster, "cluster.replace")
+    return replace_node(cluster, name, mac, paths)
+
+
 def find_node(cluster: Cluster, name: str) -> inventory_mod.Node:
     try:
         return cluster.node(name)
@@ -211,14 +230,18 @@ def find_node(cluster: Cluster, name: str) -> inventory_mod.Node:
         raise UserError(f"no node named '{name}' in cluster {cluster.name}", hint=f"nodes: {names}") from None
 
 
-def forget(inventory: str, mac_text: str, paths: Paths) -> str:
-    """Release the name and address kept for a MAC that is no longer in the inventory."""
+def parse_mac_argument(text: str) -> str:
     from .yamlsource import Field, Value
 
     try:
-        mac = inventory_mod.parse_mac(Value(mac_text, Field(Path("MAC"), 1, "")))
+        return inventory_mod.parse_mac(Value(text, Field(Path("MAC"), 1, "")))
     except UserError as exc:  # the argument has no file and line to name
         raise UserError(exc.message.removeprefix("MAC:1: "), exc.hint) from None
+
+
+def forget(inventory: str, mac_text: str, paths: Paths) -> str:
+    """Release the name and address kept for a MAC that is no longer in the inventory."""
+    mac = parse_mac_argument(mac_text)
     # The inventory as it will be once the record is gone: a pin refused because the record
     # holds its name must not stop the command that releases it.
     cluster = inventory_mod.load(user_path(inventory, DEFAULT_INVENTORY), state=paths.state, forgetting=mac)

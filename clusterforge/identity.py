@@ -146,6 +146,12 @@ class Records:
         forgotten._save()
         return forgotten
 
+    def move(self, mac: str, to: str) -> Records:
+        """The name and address of `mac` given to the MAC `to` (new hardware in a node's place)."""
+        moved = Records(self.path, {**self.without(mac).by_mac, to: self.by_mac[mac]})
+        moved._save()
+        return moved
+
     def _save(self) -> None:
         assert self.path is not None
         body = {"schema": RECORDS_SCHEMA, "nodes": {m: {"name": r.name, "ip": str(r.ip)}

@@ -28,13 +28,14 @@ import subprocess
 import tarfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Address
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol, TypeVar
 
 from . import render as render_mod
 from . import revocation
 from .fsutil import write_atomic
-from .inventory import HTTP_PORT, Cluster, Node, PxeMode, Role
+from .inventory import HTTP_PORT, Cluster, PxeMode, Role
 from .log import die, human_bytes, info
 from .node import pxepublish
 from .node.pxepublish import Manifest
@@ -54,9 +55,21 @@ SHOWN = 8  # paths listed per node before "and N more"
 # ---------------------------------------------------------------- reaching the nodes
 
 
-def targets(cluster: Cluster, paths: Paths, nodes: Iterable[Node]) -> list[tuple[Node, Target]]:
+class Addressed(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def ip(self) -> IPv4Address: ...
+
+
+N = TypeVar("N", bound=Addressed)
+
+
+def targets(cluster: Cluster, paths: Paths, nodes: Iterable[N]) -> list[tuple[N, Target]]:
     """SSH targets with clusterforge's key: through the QEMU harness's network namespace when
-    runs/<cluster>/ has running machines, else plain SSH to the nodes' addresses (metal)."""
+    runs/<cluster>/ has running machines, else plain SSH to the nodes' addresses (metal).
+    `nodes` may be the inventory's or a running cluster's (a node that left the inventory)."""
     key = paths.cluster_state(cluster.name) / "ssh" / "id_ed25519"
     if not key.exists():
         die(f"no SSH key at {key}", hint="this is not the state/ the cluster was rendered from (--state?)")
@@ -67,7 +80,7 @@ def targets(cluster: Cluster, paths: Paths, nodes: Iterable[Node]) -> list[tuple
 
         vms = ClusterVMs(cluster, image_path(cluster, paths), paths)
         if any(vms.machine(n).running for n in cluster.nodes if (vms.dir / n.name).is_dir()):
-            return [(n, vms.ssh(n)) for n in nodes]
+            return [(n, Target(str(n.ip), key, netns=vms.net.netns)) for n in nodes]
     return [(n, Target(str(n.ip), key)) for n in nodes]
 
 

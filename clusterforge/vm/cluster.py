@@ -32,6 +32,7 @@ from .machine import Drive, Machine, MachineError, MachineSpec, Nic, boot_phases
 from .network import ClusterNet
 
 NETBOOT_MARK = "netboot"  # in runs/<cluster>/<node>/: the machine came as new hardware, network first
+MAC_FILE = "mac"  # in runs/<cluster>/<node>/: the MAC of the machine whose disks are there
 DATA_DISK_SIZE = "12G"
 ROOT_DISK_SIZE = "8G"  # Ceph wants >= 5 GB per OSD; ceph-volume is happier with more
 BOOT_TIMEOUT = 900.0
@@ -144,6 +145,7 @@ class ClusterVMs:
     def _prepare_disks(self, node: Node) -> None:
         node_dir = self.dir / node.name
         node_dir.mkdir(parents=True, exist_ok=True)
+        (node_dir / MAC_FILE).write_text(f"{node.mac}\n")
         root = node_dir / "root.qcow2"
         if not root.exists() and not self.netboots(node):
             run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(self.image.resolve()),
@@ -316,6 +318,7 @@ class ClusterVMs:
         """Start a node again; a node of a running cluster that has never run comes as new
         hardware would: an empty disk, booting from the network (the cluster's own PXE)."""
         node = self.nodes([name])[0]
+        self._retire_replaced(node)
         if self.never_ran(node) and any(self.machine(n).running for n in self.cluster.nodes if n != node):
             (self.dir / node.name).mkdir(parents=True, exist_ok=True)
             (self.dir / node.name / NETBOOT_MARK).write_text("came as new hardware: network first, empty disk\n")
@@ -323,6 +326,24 @@ class ClusterVMs:
         if self.netboots(node) and node.boot == BootMode.INSTALL and not (self.dir / node.name / "root.qcow2").exists():
             timeout = max(timeout, INSTALL_TIMEOUT)
         self.up([name], timeout)
+
+    def _retire_replaced(self, node: Node) -> None:
+        """A node whose MAC changed (cluster.replace) is other hardware: the old machine's disks
+        and logs are moved aside, to runs/<cluster>/<node>.retired-<mac>/, and the new machine
+        comes with empty disks, as new hardware does."""
+        node_dir = self.dir / node.name
+        try:
+            old = (node_dir / MAC_FILE).read_text().strip()
+        except OSError:
+            return
+        if old == node.mac:
+            return
+        if self.machine(node).running:
+            die(f"{node.name}'s old machine ({old}) is still running", hint=f"./forge cluster.kill {node.name}")
+        self._machines.pop(node.name, None)
+        retired = self.dir / f"{node.name}.retired-{old.replace(':', '-')}"
+        node_dir.rename(retired)
+        info(f"{node.name}: {old} was replaced by {node.mac}; the old machine is kept in {retired}")
 
     def never_ran(self, node: Node) -> bool:
         node_dir = self.dir / node.name

@@ -15,12 +15,28 @@ from types import FrameType
 from typing import Any
 
 from .. import seed as seedlib
-from . import ceph, etcd, health, k3s, munge, osd, pxe, record, slurm, slurmctld, timesync, vip, wireguard
+from . import (
+    backup,
+    ceph,
+    etcd,
+    health,
+    k3s,
+    leave,
+    munge,
+    osd,
+    pxe,
+    record,
+    slurm,
+    slurmctld,
+    timesync,
+    vip,
+    wireguard,
+)
 from .context import Ctx
 from .core import PassResult, State, Status, run_pass
 
 # The order the services converge in (DESIGN.md): each needs only what comes before it.
-SERVICES = [wireguard, timesync, etcd, vip, pxe, ceph, osd, munge, slurmctld, slurm, k3s]
+SERVICES = [wireguard, timesync, etcd, vip, pxe, ceph, osd, munge, slurmctld, slurm, k3s, backup]
 # What to do at once when a singleton's lease is found gone between passes.
 ON_LOST = {slurmctld.ELECTION: slurmctld.lost, pxe.ELECTION: pxe.lost}
 FAST, SLOW = 2.0, 15.0  # seconds between passes: after a change, and at most when converged
@@ -71,6 +87,10 @@ def keep(ctx: Ctx, publisher: record.Publisher) -> None:
 
 def main() -> int:
     signal.signal(signal.SIGTERM, _stop)
+    if leave.removed():
+        log(f"agent: this node was taken out of its cluster: {leave.removed()}; nothing to do (reinstall it to "
+            "join again)")
+        return 0
     try:
         seed = load_seed()
         ctx = Ctx(seed)
