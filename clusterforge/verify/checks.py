@@ -15,11 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..inventory import Node, Role
+from ..node.agent import backup
+from ..node.agent.context import STATE_DIR
 from ..run import CommandError
 from ..vm.cluster import ClusterVMs
 
 EVIDENCE = 1500  # characters of a command's output kept in the report
 HANDSHAKE_FRESH = 180
+BACKUPS = STATE_DIR / backup.FOLDER
+RBD_COPY_SECONDS = 300
 
 
 @dataclass
@@ -244,6 +248,27 @@ def slurm(vms: ClusterVMs, p: Probe) -> str:
     if uids != ["2000"] * n:
         raise Failed(f"srun as the operator answered {uids}")
     return f"{n} compute nodes idle; srun -N{n} ran on each, as root and as forge"
+
+
+@check("backup: an etcd snapshot on every core node, the newest in RBD", "backup")
+def backups(vms: ClusterVMs, p: Probe) -> str:
+    seen = []
+    for node in core(vms):
+        newest = p.sh(node, f"ls {BACKUPS}/etcd-{node.name}-*.db | tail -n 1", check=False).strip()
+        if not newest:
+            raise Failed(f"{node.name} has no etcd snapshot in {BACKUPS}")
+        status = p.sh(node, f"etcdctl snapshot status {newest} -w json")
+        keys = json.loads(status)["totalKey"]
+        seen.append(f"{node.name} ({keys} keys)")
+        if vms.cluster.services.ceph:
+            image = newest.rsplit("/", 1)[-1].removesuffix(".db")
+            deadline = time.monotonic() + RBD_COPY_SECONDS  # copied on the pass after the pool is ready
+            while image not in p.sh(node, "rbd ls rbd", check=False).split():
+                if time.monotonic() > deadline:
+                    raise Failed(f"{node.name}'s newest snapshot {image} is not in the rbd pool")
+                time.sleep(10)  # the agent's next pass copies it
+    return "snapshots readable on " + ", ".join(seen) + ("; the newest of each in RBD" if vms.cluster.services.ceph
+                                                          else "")
 
 
 @check("k3s: every node Ready", "k3s")

@@ -37,10 +37,28 @@ def pytest_configure(config: pytest.Config) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
 
 
+# The shared cluster's tests run together, module by module in this order, and the test that
+# takes it down last; the modules that boot machines of their own run before it is up, or
+# (a cluster of their own with faults) after it is gone: two clusters at once would share 2 cores.
+FORMED_MODULES = ("test_formed.py", "test_selfhosted.py", "test_membership.py")
+AFTER_FORMED = ("test_release.py",)
+LAST_ON_FORMED = "test_cluster_commands_as_typed"
+
+
+def _order(item: pytest.Item) -> tuple[int, int]:
+    module = Path(str(item.fspath)).name
+    if item.name == LAST_ON_FORMED:
+        return 1, len(FORMED_MODULES)
+    if module in FORMED_MODULES:
+        return 1, FORMED_MODULES.index(module)
+    return (2 if module in AFTER_FORMED else 0), 0
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/vm/" in str(item.fspath):
             item.add_marker(pytest.mark.vm)
+    items.sort(key=lambda item: _order(item) if "tests/vm/" in str(item.fspath) else (-1, 0))  # stable
 
 
 @pytest.fixture(scope="session")
@@ -106,6 +124,9 @@ def keep_logs(vms: ClusterVMs, to: Path) -> None:
 
 
 FORMED_RUNS = RUNS / "formed"
+# The shared cluster's inventory: a copy of qemu/lab.yaml, which cluster.replace edits as it
+# would a user's (a new MAC in place of the old one).
+FORMED_INVENTORY = FORMED_RUNS / "lab.yaml"
 
 
 def forge(*args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -130,32 +151,70 @@ def sh(vms: ClusterVMs, node: str, command: str, timeout: float = 180, check: bo
     return vms.ssh(vms.cluster.node(node)).run(command, timeout=timeout, check=check).stdout
 
 
-def on_formed(task: str, *args: str) -> list[str]:
+def on_formed(task: str, *args: str, inventory: Path = FORMED_INVENTORY) -> list[str]:
     """A cluster.* command pointed at the shared cluster: its options right after the task, as
     `cluster.ssh NODE COMMAND...` takes everything after the command as the command (like ssh)."""
-    return [task, "--inventory", str(LAB.relative_to(REPO)), "--runs", str(FORMED_RUNS), *args]
+    return [task, "--inventory", str(inventory), "--runs", str(FORMED_RUNS), *args]
 
 
 @pytest.fixture(scope="session")
 def formed(image: pipeline.Artifacts, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterVMs]:
     """The example cluster (qemu/lab.yaml) booted once by `./forge demo`, as a user would, and
-    formed by its agents (check-cluster OK); shared by every test of tests/vm/test_formed.py,
-    the destructive ones last. Default dist/ and state/; its VMs in runs/tests/formed/."""
+    formed by its agents (check-cluster OK); shared by the tests of FORMED_MODULES, the
+    destructive ones last. Default dist/ and state/ (its state made anew: the cluster is new);
+    its inventory and VMs in runs/tests/formed/."""
     paths = Paths.resolve(runs=str(FORMED_RUNS))
     if FORMED_RUNS.exists():
         shutil.rmtree(FORMED_RUNS)
-    cluster = inventory.load(LAB, state=paths.state)
+    FORMED_RUNS.mkdir(parents=True)
+    shutil.copy(LAB, FORMED_INVENTORY)
+    shutil.rmtree(paths.cluster_state(inventory.load(LAB).name), ignore_errors=True)
+    cluster = inventory.load(FORMED_INVENTORY, state=paths.state)
     vms = ClusterVMs(cluster, image.qcow2, paths)
     ext4_disk(vms.dir / "s3" / "data-1.qcow2", tmp_path_factory.mktemp("ext4"))
     try:
-        demo = forge("demo", "--inventory", str(LAB.relative_to(REPO)), "--runs", str(FORMED_RUNS), check=False)
+        demo = forge("demo", "--inventory", str(FORMED_INVENTORY), "--runs", str(FORMED_RUNS), check=False)
         (vms.dir / "demo.txt").write_text(demo.stdout + demo.stderr)
         formed_line = next((line for line in demo.stderr.splitlines() if "verify: formed" in line), "")
         figure(formed_line.strip())
         print(demo.stdout[-3000:])
         assert demo.returncode == 0, (f"./forge demo failed:\n{demo.stdout[-4000:]}{demo.stderr[-4000:]}\n"
                                       f"logs: {vms.dir}/")
-        yield ClusterVMs(inventory.load(LAB, state=paths.state), image.qcow2, paths)
+        yield ClusterVMs(inventory.load(FORMED_INVENTORY, state=paths.state), image.qcow2, paths)
     finally:
         collect_logs(vms)
         vms.down(timeout=60)
+
+
+# ---------------------------------------------------------------- the shared cluster, grown
+
+NEW = "52:54:00:00:00:51"  # a compute node that comes later, as new hardware (c1)
+
+
+@pytest.fixture(scope="session")
+def grown(formed: ClusterVMs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The shared cluster's inventory with one compute node more (c1); test_selfhosted.py
+    publishes it and starts c1, test_membership.py removes it. Afterwards c1 is gone whatever
+    happened: taken out with cluster.remove (told to the cluster, its record released), then
+    powered off."""
+    path = tmp_path_factory.mktemp("grown") / "lab-grown.yaml"
+    path.write_text(FORMED_INVENTORY.read_text() + f'  - mac: "{NEW}"\n    roles: [compute]\n')
+    try:
+        yield path
+    finally:
+        forge(*on_formed("cluster.remove", "c1"), check=False, timeout=3600)
+        forge(*on_formed("cluster.kill", "c1", inventory=path), check=False)
+
+
+UNITS_WATCHED = ("clusterforge-etcd.service", "keepalived.service", "chrony.service", "munge.service",
+                 "slurmd.service", "slurmctld.service", "ceph-mon@*.service", "ceph-mgr@*.service",
+                 "ceph-osd@*.service", "clusterforge-dnsmasq.service")
+
+
+def service_starts(vms: ClusterVMs, nodes: list[str]) -> dict[str, str]:
+    """When each running cluster service on these nodes last started (systemd's monotonic
+    timestamp): the same before and after means nothing restarted."""
+    units = " ".join(f"'{u}'" for u in UNITS_WATCHED)
+    return {node: sh(vms, node, f"systemctl show -p Id,ActiveEnterTimestampMonotonic $(systemctl list-units "
+                                f"--state=active --plain --no-legend {units} | cut -d' ' -f1) | paste -sd' '")
+            for node in nodes}

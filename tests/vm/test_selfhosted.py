@@ -6,7 +6,6 @@ holder goes. One long test, in the order a person would do it; run by `./forge t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,8 @@ from clusterforge.verify.faults import until
 from clusterforge.vm.cluster import ClusterVMs
 from clusterforge.vm.machine import Machine, MachineSpec, Nic
 
-from .conftest import FORMED_RUNS, LAB, REPO, collect_logs, forge, sh
+from .conftest import FORMED_INVENTORY, FORMED_RUNS, NEW, collect_logs, forge, service_starts, sh
 
-NEW = "52:54:00:00:00:51"  # a compute node that comes later, as new hardware
 STRANGER = "52:54:00:00:02:99"  # a machine nobody put in the inventory
 DEADLINE = 900  # seconds for the cluster to take something in, under TCG
 
@@ -37,21 +35,6 @@ def dnsmasq_on(vms: ClusterVMs, nodes: list[str]) -> list[str]:
 
 def pxe_status(vms: ClusterVMs, node: str) -> dict:  # type: ignore[type-arg]
     return json.loads(sh(vms, node, "cat /run/clusterforge/health.json"))["services"].get("pxe", {})  # type: ignore[no-any-return]
-
-
-@pytest.fixture(scope="module")
-def grown(formed: ClusterVMs, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """qemu/lab.yaml with one compute node more. Afterwards the node is gone again: powered off,
-    the cluster told (a publish of qemu/lab.yaml, or the core nodes would list it as down) and
-    its record released."""
-    path = tmp_path_factory.mktemp("selfhosted") / "lab-grown.yaml"
-    path.write_text(LAB.read_text() + f'  - mac: "{NEW}"\n    roles: [compute]\n')
-    try:
-        yield path
-    finally:
-        forge("cluster.kill", "c1", *args(path), check=False)
-        forge("cluster.publish", *args(LAB.relative_to(REPO)), check=False, timeout=3600)
-        forge("state.forget", NEW, "--inventory", str(LAB.relative_to(REPO)), check=False)
 
 
 def args(inventory_path: Path) -> list[str]:
@@ -107,6 +90,7 @@ def test_the_cluster_serves_its_own_pxe(formed: ClusterVMs, grown: Path, rundir:
                                 "/etc/clusterforge/cluster.json") == manifest
 
     # New hardware: an empty disk, the network first; it installs from the core nodes, boots its disk.
+    before = service_starts(formed, cores)
     started = forge("cluster.start", "c1", *args(grown), timeout=3600, check=False)
     (formed.dir / "c1-start.txt").write_text(started.stdout + started.stderr)
     assert started.returncode == 0, f"{started.stdout[-3000:]}{started.stderr[-3000:]}\nlogs: {formed.dir}/c1/"
@@ -127,6 +111,10 @@ def test_the_cluster_serves_its_own_pxe(formed: ClusterVMs, grown: Path, rundir:
         return any(n["node"] == "c1" and n.get("healthy") for n in view.get("nodes", []))
 
     until("c1 in the cluster, healthy", c1_healthy, seconds=DEADLINE)
+    # It joined: every core node's mesh has it, and no running service elsewhere restarted.
+    for node in cores:
+        assert "10.99.0.51/32" in sh(formed, node, "wg show wg0 allowed-ips")
+    assert service_starts(formed, cores) == before
 
     # An unknown machine that network-boots is listed, ready to paste.
     formed.net.create(["stranger"])
@@ -146,7 +134,7 @@ def test_the_cluster_serves_its_own_pxe(formed: ClusterVMs, grown: Path, rundir:
             dnsmasq_on(formed, others)), seconds=300, every=3)
         assert moved != holder
     finally:
-        forge("cluster.start", holder, *args(LAB.relative_to(REPO)), timeout=1800)
+        forge("cluster.start", holder, *args(FORMED_INVENTORY), timeout=1800)
     until("one DHCP server after the holder came back, the cluster healthy",
              lambda: len(dnsmasq_on(formed, cores)) == 1
              and formed.ssh(formed.cluster.node(holder)).run("check-cluster", check=False).returncode == 0,

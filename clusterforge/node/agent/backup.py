@@ -34,10 +34,11 @@ PREFIX = "etcd-"
 SUFFIX = ".db"
 TIMEOUT = 300.0  # a snapshot of a small store takes seconds; an emulated machine under load, more
 IN_RBD = ".in-rbd"  # in the backup folder: the name of the snapshot last copied to RBD
+FOLDER = "backups"  # in the agent's state folder (/var/lib/clusterforge)
 
 
 def folder(ctx: Ctx) -> Path:
-    return ctx.state_dir / "backups"
+    return ctx.state_dir / FOLDER
 
 
 def applies(ctx: Ctx) -> bool:
