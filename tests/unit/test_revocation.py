@@ -4,6 +4,7 @@ loopback, no restart), the CRL passing through etcd only upwards."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -14,14 +15,17 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from clusterforge import revocation
 from clusterforge.node import seed as seedlib
-from clusterforge.node.agent import context, etcd, pki
+from clusterforge.node.agent import context, etcd, pki, wireguard
 from clusterforge.node.agent.context import Ctx
 from clusterforge.node.agent.etcd_client import EtcdClient, EtcdError, TLSFiles
 from clusterforge.node.seed import BootMode, Role, Service
 
+from .conftest import FIXED_STATE
 from .etcd_cluster import CA, START_TIMEOUT, free_ports, issue, make_ca
 
 ME = "127.0.0.2"  # the member's "LAN" address; it also listens on 127.0.0.1, as on a node
@@ -181,3 +185,51 @@ def test_a_certificate_is_read_for_its_serial(ca: CA, tmp_path: Path) -> None:
     serial = x509.load_pem_x509_certificate(c1.cert.read_bytes()).serial_number
     entry = revocation.revoke(tmp_path, c1.cert.read_text(), "c1", "52:54:00:00:00:51", "cluster.remove")
     assert entry.serial == serial and revocation.read_revoked(tmp_path)[serial].node == "c1"
+
+
+# ---------------------------------------------------------------- the mesh's peers from etcd
+
+
+class TestMeshPeers:
+    """Peers from the certificates nodes publish in etcd: vouched for by the cluster's CA (the
+    fixed test state's, whose node certificates carry WireGuard keys), newer than a seed, and
+    never a revoked one."""
+
+    @pytest.fixture
+    def ca(self) -> CA:
+        state = FIXED_STATE / "lab"
+        key = serialization.load_pem_private_key((state / "ca.key").read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return CA(key, x509.load_pem_x509_certificate((state / "ca.crt").read_bytes()), state / "ca.crt")
+
+    def test_published_certificates_make_peers_until_revoked(self, member: tuple[Ctx, Path], ca: CA,
+                                                              tmp_path: Path) -> None:
+        ctx, _ = member
+        nodes = FIXED_STATE / "lab" / "nodes"
+        certs = {name: (nodes / mac / "tls.crt").read_text() for name, mac in (("s2", "52-54-00-00-00-12"),
+                                                                                ("s3", "52-54-00-00-00-13"))}
+        etcd_client = client_of(ctx, ctx.tls)
+        for name, cert in certs.items():
+            etcd_client.put(f"{wireguard.NODES_PREFIX}{name}/cert", cert)
+            etcd_client.put(f"{wireguard.NODES_PREFIX}{name}/endpoint", f"10.0.0.{name[1:]}:51871")
+        etcd_client.put(f"{wireguard.NODES_PREFIX}s4/cert", certs["s2"])  # another's certificate: not s4's
+        etcd_client.put(f"{wireguard.NODES_PREFIX}s4/endpoint", "10.0.0.14:51871")
+        peers, _ = wireguard.read_published(ctx)
+        assert sorted(peers) == ["s2", "s3"]
+        assert peers["s3"].overlay_ip == "10.99.0.13"
+        # A seed that still lists s2 with its old machine's key: what the CA vouches for now wins.
+        stale = dataclasses.replace(ctx.seed.cluster, nodes=(*ctx.seed.cluster.nodes, dataclasses.replace(
+            ctx.seed.cluster.nodes[0], name="s2", wireguard_public="b" * 43 + "=")))
+        ctx.seed = dataclasses.replace(ctx.seed, cluster=stale)
+        facts = dataclasses.replace(wireguard_facts(), published=peers)
+        assert wireguard.wanted_peers(ctx, facts)["s2"].public_key == peers["s2"].public_key
+        # s3 revoked: the next CRL leaves it out of every mesh.
+        revocation.revoke(tmp_path, certs["s3"], "s3", "52:54:00:00:00:13", "cluster.remove")
+        ctx.seed.pki(seedlib.CRL).write_text(crl_of(tmp_path, ca))
+        peers, _ = wireguard.read_published(ctx)
+        assert sorted(peers) == ["s2"]
+
+
+def wireguard_facts() -> wireguard.Facts:
+    return wireguard.Facts(link=True, up=True, addresses=(), public_key="", port=0, peers={}, published={},
+                           mine_published=False, etcd_reachable=True, now=0)
