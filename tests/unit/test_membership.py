@@ -22,7 +22,9 @@ from clusterforge.paths import Paths
 
 from .conftest import DATA, EXAMPLE, FIXED_STATE
 
-CEPH = DATA / "facts" / "ceph"  # recorded on the formed example cluster (qemu/lab.yaml) and a grown one
+# Recorded on the formed example cluster (qemu/lab.yaml); grown-osd-tree.json is it with a fourth
+# storage host (s4) added to the recorded tree.
+CEPH = DATA / "facts" / "ceph"
 S2, NEW = "52:54:00:00:00:12", "52:54:00:00:00:62"
 
 
@@ -41,15 +43,14 @@ def view(prefix: str) -> membership.CephView:
 def test_ceph_view_of_the_example_cluster() -> None:
     lab = view("lab")
     assert {o.host for o in lab.osds} == {"s1", "s2", "s3"} and all(o.up and o.inside for o in lab.osds)
-    assert [(p.name, p.size, p.domain) for p in lab.pools] == [("device_health_metrics", 3, "host"),
-                                                               ("rbd", 3, "host")]
+    assert [(p.name, p.size, p.domain) for p in lab.pools] == [("rbd", 3, "host"), ("device_health_metrics", 3, "host")]
     assert lab.on("s2") == [next(o.id for o in lab.osds if o.host == "s2")]
 
 
 def test_a_storage_host_leaves_only_when_the_others_keep_every_copy() -> None:
     lab = view("lab")  # three storage hosts, three copies
     assert membership.removal_refusal(lab, "s3") == (
-        "without s3, pool device_health_metrics keeps 3 copies on 2 storage hosts: its placement groups could "
+        "without s3, pool rbd keeps 3 copies on 2 storage hosts: its placement groups could "
         "never be clean again; add a storage node first")
     grown = view("grown")  # a fourth storage host, s4
     assert membership.removal_refusal(grown, "s4") is None
@@ -61,7 +62,7 @@ def test_the_last_copy_never_leaves() -> None:
     alone = membership.CephView(tuple(o for o in lab.osds if o.host == "s1"),
                                 tuple(membership.Pool(p.name, 1, "osd") for p in lab.pools))
     assert membership.removal_refusal(alone, "s1") == (
-        "s1 holds the last copy of pool device_health_metrics's data: no other OSD is up")
+        "s1 holds the last copy of pool rbd's data: no other OSD is up")
 
 
 # ---------------------------------------------------------------- the inventory file
