@@ -484,3 +484,16 @@ def test_roles_of_the_example(seeds: dict[str, dict[str, seedlib.Seed]]) -> None
         ctx = Ctx(seed)
         assert slurmctld.applies(ctx) and slurm.applies(ctx) and munge.applies(ctx)
         assert slurmctld.on_rbd(ctx)
+
+
+def test_the_controller_deletes_a_removed_node_that_registered_again(seeds: dict[str, dict[str, seedlib.Seed]]) -> None:
+    """A node cluster.remove took out while it was off comes back with the cluster's munge key;
+    its `slurmd -Z` registers it: the controller's agent deletes it (and only such nodes)."""
+    ctx, f = fixture(seeds, "slurm-s1-controller.json", slurmctld)
+    assert slurmctld.plan(ctx, f) == []
+    ctx, f = fixture(seeds, "slurm-s1-controller.json", slurmctld, strangers=("c9",))
+    plan = slurmctld.plan(ctx, f)
+    assert names(plan) == ["slurmctld: delete nodes that are not the cluster's"]
+    assert plan[0].why.startswith("c9: removed from the cluster")  # type: ignore[index]
+    # What counts as a stranger: not in the seed; the seed's nodes never are (no etcd asked).
+    assert slurmctld.strangers(ctx, {"s1": "idle", "s2": "idle"}) == ()

@@ -36,12 +36,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...run import run
 from ..seed import Role, Service
-from . import host, munge, slurmstate
+from . import host, munge, slurmstate, wireguard
 from .context import Ctx
 from .core import Plan, State, Status, Step, StepFailed, Wait
 from .etcd_client import EtcdError
 from .slurmconf import (
+    COMMAND_TIMEOUT,
     CONF,
     SLURM_USER,
     SLURMCTLD_DROPIN,
@@ -93,6 +95,7 @@ class Facts:
     state_holder: str | None  # (no Ceph) whose disk holds the newest state; "" nobody's yet; None unknown
     nodes: dict[str, str] | None  # (elected, running) node -> state as slurmctld sees them
     nodes_why: str
+    strangers: tuple[str, ...] = ()  # registered, yet no node of the cluster (removed: revoked, unlisted)
 
 
 def gave_up_marker(ctx: Ctx) -> Path:
@@ -145,13 +148,29 @@ def facts(ctx: Ctx) -> Facts:
         except EtcdError:
             state_holder = None
     nodes, nodes_why = query_nodes() if leader and unit.running else (None, "")
-    return Facts(
+    return Facts(strangers=strangers(ctx, nodes),
         conf=host.read_text(CONF), dropin=host.read_text(SLURMCTLD_DROPIN), unit=unit, munge=munge_ok,
         leader=leader, token=election.token if leader else None, holder=holder, why=why,
         devices=devices, term=read_int(term_marker(ctx)), mounted=mounted, fs=fs, image=image, ceph_why=ceph_why,
         state_dir_ok=host.dir_is(STATE_DIR, 0o755, SLURM_USER), local_state=local_state,
         state_holder=state_holder, nodes=nodes, nodes_why=nodes_why,
     )
+
+
+def strangers(ctx: Ctx, nodes: dict[str, str] | None) -> tuple[str, ...]:
+    """Registered nodes that are not the cluster's: in neither the seed (a core node's lists
+    every node) nor etcd with a certificate the CA vouches for and has not revoked. A node
+    `cluster.remove` took out while it was off comes back with the cluster's munge key, and
+    `slurmd -Z` would register it again."""
+    listed = {n.name for n in ctx.seed.cluster.nodes}
+    unknown = [n for n in (nodes or {}) if n not in listed]
+    if not unknown:
+        return ()
+    try:
+        vouched = set(wireguard.read_published(ctx)[0])
+    except EtcdError:
+        return ()  # not sure: nothing is deleted
+    return tuple(n for n in unknown if n not in vouched)
 
 
 def plan(ctx: Ctx, f: Facts) -> Plan:
@@ -266,6 +285,11 @@ def plan_start(ctx: Ctx, f: Facts) -> Plan:
     if not f.unit.running:
         why = f"it stopped ({f.unit.result})" if f.unit.active == "failed" else "this node holds the role"
         return [take(ctx, "start the controller", why, lambda token: start(f.unit))]
+    if f.strangers:
+        names = ",".join(f.strangers)
+        return [take(ctx, "delete nodes that are not the cluster's", f"{names}: removed from the cluster (or never "
+                                                                     "published); their slurmd registered anyway",
+                     lambda token: run(["scontrol", "delete", f"NodeName={names}"], timeout=COMMAND_TIMEOUT))]
     return []
 
 
