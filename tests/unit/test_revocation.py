@@ -92,10 +92,38 @@ def loopback_seed(root: Path, ca: CA, crl: str) -> seedlib.Seed:
     return seedlib.Seed(cluster, seedlib.Identity("lab", "s1"), root)
 
 
+@dataclasses.dataclass
+class Member:
+    """One etcd member on loopback, started with exactly the environment file the agent writes."""
+
+    ctx: Ctx
+    env: dict[str, str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(["/usr/bin/etcd"], env={**clean, **self.env}, stdout=out,
+                                         stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                client_of(self.ctx, self.ctx.tls).put("/up", "1")
+                return
+            except EtcdError:
+                assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()[-3000:]
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @pytest.fixture
-def member(tmp_path: Path, ca: CA, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Ctx, Path]]:
-    """etcd started with exactly the environment file the agent writes (ports moved to free
-    ones, TLS copies in a scratch folder); yields the node's context and etcd's log."""
+def member(tmp_path: Path, ca: CA, monkeypatch: pytest.MonkeyPatch) -> Iterator[Member]:
+    """The agent's etcd settings on loopback: ports moved to free ones, TLS copies in a scratch folder."""
     state = tmp_path / "state"
     state.mkdir()
     seed = loopback_seed(tmp_path / "seed", ca, crl_of(state, ca))
@@ -110,33 +138,20 @@ def member(tmp_path: Path, ca: CA, monkeypatch: pytest.MonkeyPatch) -> Iterator[
         shutil.copy(source, etcd.TLS_DIR / target)
     etcd.data_dir(ctx).mkdir(parents=True, mode=0o700)
     env_file = etcd.config(ctx, "new", etcd.seed_members(ctx))
-    env = dict(line.split("=", 1) for line in env_file.splitlines())
-    log = tmp_path / "etcd.log"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(["/usr/bin/etcd"], env={**clean, **env}, stdout=out, stderr=subprocess.STDOUT)
+    running = Member(ctx, dict(line.split("=", 1) for line in env_file.splitlines()), tmp_path / "etcd.log")
     try:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                client_of(ctx, ctx.tls).put("/up", "1")
-                break
-            except EtcdError:
-                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.1)
-        yield ctx, log
+        running.start()
+        yield running
     finally:
-        proc.kill()
-        proc.wait()
+        running.kill()
 
 
 def client_of(ctx: Ctx, tls: TLSFiles) -> EtcdClient:
     return EtcdClient([f"https://127.0.0.1:{etcd.ETCD_CLIENT_PORT}"], tls, timeout=3.0)
 
 
-def test_etcd_refuses_a_revoked_certificate_from_its_next_connection(member: tuple[Ctx, Path], ca: CA,
-                                                                     tmp_path: Path) -> None:
-    ctx, log = member
+def test_etcd_refuses_a_revoked_certificate_from_its_next_connection(member: Member, ca: CA, tmp_path: Path) -> None:
+    ctx, log = member.ctx, member.log
     c1 = issue(ca, tmp_path / "pki", "c1")
     assert client_of(ctx, c1).put("/clusterforge/x", "from c1")
     revocation.revoke(ctx.state_dir.parent / "state", c1.cert.read_text(), "c1", "52:54:00:00:00:51", "test")
@@ -151,8 +166,8 @@ def test_etcd_refuses_a_revoked_certificate_from_its_next_connection(member: tup
     assert "unrecognized environment variable" not in text, "a setting the agent writes is not one etcd knows"
 
 
-def test_the_crl_goes_through_etcd_only_upwards(member: tuple[Ctx, Path], ca: CA, tmp_path: Path) -> None:
-    ctx, _ = member
+def test_the_crl_goes_through_etcd_only_upwards(member: Member, ca: CA, tmp_path: Path) -> None:
+    ctx = member.ctx
     state = ctx.state_dir.parent / "state"
     facts = etcd.facts(ctx)
     assert (facts.crl.local, facts.crl.etcd) == (1, None)
@@ -202,9 +217,8 @@ class TestMeshPeers:
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         return CA(key, x509.load_pem_x509_certificate((state / "ca.crt").read_bytes()), state / "ca.crt")
 
-    def test_published_certificates_make_peers_until_revoked(self, member: tuple[Ctx, Path], ca: CA,
-                                                              tmp_path: Path) -> None:
-        ctx, _ = member
+    def test_published_certificates_make_peers_until_revoked(self, member: Member, ca: CA, tmp_path: Path) -> None:
+        ctx = member.ctx
         nodes = FIXED_STATE / "lab" / "nodes"
         certs = {name: (nodes / mac / "tls.crt").read_text() for name, mac in (("s2", "52-54-00-00-00-12"),
                                                                                 ("s3", "52-54-00-00-00-13"))}
@@ -233,3 +247,29 @@ class TestMeshPeers:
 def wireguard_facts() -> wireguard.Facts:
     return wireguard.Facts(link=True, up=True, addresses=(), public_key="", port=0, peers={}, published={},
                            mine_published=False, etcd_reachable=True, now=0)
+
+
+def test_a_snapshot_restores_as_the_readme_says(member: Member, tmp_path: Path) -> None:
+    """The agent's snapshot of its own member, restored the README's way (the values of the
+    member's own environment file) into a new data directory: the data comes back."""
+    ctx = member.ctx
+    client_of(ctx, ctx.tls).put("/clusterforge/before", "kept")
+    snapshot = tmp_path / "etcd-s1.db"
+    tls = ctx.tls
+    etcdctl = ["/usr/bin/etcdctl", f"--endpoints=https://127.0.0.1:{etcd.ETCD_CLIENT_PORT}", f"--cacert={tls.ca}",
+               f"--cert={tls.cert}", f"--key={tls.key}"]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
+    subprocess.run([*etcdctl, "snapshot", "save", str(snapshot)], check=True, capture_output=True,
+                   env={**clean, "ETCDCTL_API": "3"})
+    member.kill()
+    data = Path(member.env["ETCD_DATA_DIR"])
+    data.rename(data.with_name("etcd.lost"))
+    env = member.env
+    subprocess.run(["/usr/bin/etcdctl", "snapshot", "restore", str(snapshot), "--name", env["ETCD_NAME"],
+                    "--initial-cluster", env["ETCD_INITIAL_CLUSTER"],
+                    "--initial-cluster-token", env["ETCD_INITIAL_CLUSTER_TOKEN"],
+                    "--initial-advertise-peer-urls", env["ETCD_INITIAL_ADVERTISE_PEER_URLS"], "--data-dir", str(data)],
+                   check=True, capture_output=True, env={**clean, "ETCDCTL_API": "3"})
+    data.chmod(0o700)
+    member.start()
+    assert client_of(ctx, ctx.tls).get("/clusterforge/before").value == b"kept"  # type: ignore[union-attr]
