@@ -265,8 +265,19 @@ def move_data_off(session: Session, name: str) -> list[str]:
     return [f"Ceph: osd.{', osd.'.join(map(str, ids))} out, every placement group clean on the other OSDs"]
 
 
+def wait_down(session: Session, ids: list[int], why: str) -> None:
+    """Until Ceph marks these OSDs down: only an OSD that is down can be purged."""
+
+    def down() -> tuple[bool, str]:
+        up = [o.id for o in session.ceph().osds if o.id in ids and o.up]
+        return not up, f"osd.{', osd.'.join(map(str, up))} still up ({why})"
+
+    wait("Ceph", down)
+
+
 def purge_osds(session: Session, name: str) -> list[str]:
     ids = session.ceph().on(name)
+    wait_down(session, ids, f"stopped on {name}: Ceph marks them down")
     for osd in ids:
         session.sh(f"ceph osd purge {osd} --yes-i-really-mean-it")
     session.sh(f"ceph osd crush rm {name}", check=False)  # the empty host bucket
@@ -366,13 +377,10 @@ def replace(cluster: Cluster, name: str, new_mac: str, paths: Paths) -> list[str
 
 
 def purge_dead_osds(session: Session, name: str) -> list[str]:
-    view = session.ceph()
-    ids = view.on(name)
+    ids = session.ceph().on(name)
     if not ids:
         return []
-    up = [i for i in ids if next(o for o in view.osds if o.id == i).up]
-    if up:
-        die(f"osd.{', osd.'.join(map(str, up))} of {name} are up", hint="is the machine really gone?")
+    wait_down(session, ids, "Ceph marks a dead machine's OSDs down")
     stat = session.json("ceph pg stat -f json") or {}
     summary = stat.get("pg_summary", stat)
     total = int(summary.get("num_pgs", 0))
