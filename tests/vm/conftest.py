@@ -124,6 +124,7 @@ def keep_logs(vms: ClusterVMs, to: Path) -> None:
 
 
 FORMED_RUNS = RUNS / "formed"
+DEMO_TIMEOUT = 3600  # a safety net: verify waits on the cluster with limits of its own (formation: 13-25 min)
 # The shared cluster's inventory: a copy of qemu/lab.yaml, which cluster.replace edits as it
 # would a user's (a new MAC in place of the old one).
 FORMED_INVENTORY = FORMED_RUNS / "lab.yaml"
@@ -173,7 +174,8 @@ def formed(image: pipeline.Artifacts, tmp_path_factory: pytest.TempPathFactory) 
     vms = ClusterVMs(cluster, image.qcow2, paths)
     ext4_disk(vms.dir / "s3" / "data-1.qcow2", tmp_path_factory.mktemp("ext4"))
     try:
-        demo = forge("demo", "--inventory", str(FORMED_INVENTORY), "--runs", str(FORMED_RUNS), check=False)
+        demo = forge("demo", "--inventory", str(FORMED_INVENTORY), "--runs", str(FORMED_RUNS), check=False,
+                     timeout=DEMO_TIMEOUT)
         (vms.dir / "demo.txt").write_text(demo.stdout + demo.stderr)
         formed_line = next((line for line in demo.stderr.splitlines() if "verify: formed" in line), "")
         figure(formed_line.strip())

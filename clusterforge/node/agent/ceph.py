@@ -14,7 +14,9 @@ files of mode 0600, written by the agent.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from ..seed import CEPH_ADMIN_KEY, CEPH_BOOTSTRAP_OSD_KEY, CEPH_MGR_KEY, CEPH_MO
 from . import host
 from .context import Ctx
 from .core import Plan, State, Status, Step, Wait
-from .radoslink import Link, RadosError
+from .radoslink import Link, RadosError, daemon
 
 name = "ceph"
 needs: tuple[str, ...] = ("time",)
@@ -41,6 +43,10 @@ POOL_PGS = 32
 CONNECT_TIMEOUT = 10  # seconds for a ceph command to find a monitor
 COMMAND_TIMEOUT = 45.0
 OSD_MEMORY_TARGET = 1024**3  # nodes of 3-4 GiB: an OSD, a monitor and a manager fit
+# A cluster-log message a peon forwarded to the leader waits for its answer; one lost in an
+# election (frequent on emulated machines under load) stays a "slow op" until the monitor
+# restarts (seen with Pacific 16.2.15: SLOW_OPS "oldest is log(1 entries ...)" for good).
+STUCK_LOG_SECONDS = 180
 # Health checks that are expected with fewer than three storage hosts: said, not failed.
 EXPECTED_SMALL = {"POOL_NO_REDUNDANCY"}
 
@@ -144,6 +150,7 @@ class Facts:
     status: dict[str, Any] | None  # `ceph status`, None when no quorum answers
     status_why: str
     pools: tuple[dict[str, Any], ...]  # `ceph osd pool ls detail`
+    stuck_log: float = 0.0  # seconds the oldest forwarded cluster-log message has waited on my monitor
 
 
 def unit_names(ctx: Ctx) -> tuple[str, ...]:
@@ -164,6 +171,7 @@ def facts(ctx: Ctx) -> Facts:
         except RadosError as exc:
             status, why = None, str(exc)[:200]
     return Facts(
+        stuck_log=stuck_log(me, status) if core else 0.0,
         conf=host.read_text(CONF),
         admin_keyring_ok=not core or host.file_is(ADMIN_KEYRING, admin_keyring(ctx), 0o600),
         bootstrap_keyring_ok=not ctx.me.has(Role.STORAGE) or host.file_is(
@@ -173,6 +181,20 @@ def facts(ctx: Ctx) -> Facts:
         units=host.units(*unit_names(ctx)) if core else host.units(*TARGETS),
         status=status, status_why=why, pools=pools,
     )
+
+
+def stuck_log(me: str, status: dict[str, Any] | None) -> float:
+    """How long my monitor has held its oldest forwarded cluster-log message: asked of its
+    admin socket only while Ceph reports slow ops on it."""
+    slow = ((status or {}).get("health") or {}).get("checks", {}).get("SLOW_OPS")
+    if not slow or not re.search(rf"mon\.{re.escape(me)}\b", json.dumps(slow)):
+        return 0.0
+    try:
+        ops = daemon(f"mon.{me}", "ops") or {}
+    except RadosError:
+        return 0.0
+    return max((float(op.get("age", 0)) for op in ops.get("ops", [])
+                if str(op.get("description", "")).startswith("log(")), default=0.0)
 
 
 def plan(ctx: Ctx, f: Facts) -> Plan:
@@ -202,6 +224,10 @@ def plan(ctx: Ctx, f: Facts) -> Plan:
     if f.status is None:
         core = len(ctx.seed.cluster.with_role(Role.CORE))
         return Wait(f"waiting for a monitor quorum ({core // 2 + 1} of {core} monitors): {f.status_why}")
+    if f.stuck_log >= STUCK_LOG_SECONDS:
+        return [Step("ceph: restart my monitor", f"a cluster-log message it forwarded has waited {f.stuck_log:.0f} s "
+                                                 "for the leader (lost in an election: a slow op until it restarts)",
+                     lambda: host.systemctl("restart", f"ceph-mon@{me}.service"))]
     if not f.mgr_keyring_ok:  # registered with the quorum first
         return [Step("ceph: install my manager's key", f"mgr.{me}", lambda: install_mgr(ctx))]
     mgr = f.units[f"ceph-mgr@{me}.service"]

@@ -111,24 +111,29 @@ def facts(ctx: Ctx) -> Facts:
 
 
 def contents(device: str) -> tuple[str, ...]:
-    """What a disk holds, by the signatures on it and what the kernel sees on it."""
+    """What a disk holds: libblkid's own probe of the device (udev not needed), the partitions
+    and volumes the kernel sees on it, and any other signature wipefs finds."""
     found: list[str] = []
-    info = json.loads(run(["lsblk", "--json", "-o", "NAME,TYPE,FSTYPE,PTTYPE", device], check=False).stdout
-                      or '{"blockdevices": []}')
-    for dev in info.get("blockdevices", []):
-        if dev.get("pttype"):
-            found.append(f"a {dev['pttype']} partition table")
-        if dev.get("fstype"):
-            found.append("LVM" if dev["fstype"] == "LVM2_member" else f"an {dev['fstype']} filesystem"
-                         if dev["fstype"][0] in "aeiou" else f"a {dev['fstype']} filesystem")
-        if dev.get("children"):
-            found.append(f"{len(dev['children'])} partition(s) or volume(s)")
+    probe = dict(line.split("=", 1) for line in run(["blkid", "-p", "-o", "export", device], check=False)
+                 .stdout.splitlines() if "=" in line)
+    if probe.get("PTTYPE"):
+        found.append(f"a {probe['PTTYPE']} partition table")
+    kind = probe.get("TYPE", "")
+    if kind == "LVM2_member":
+        found.append("LVM")
+    elif kind:
+        what = "filesystem" if probe.get("USAGE") == "filesystem" else "signature"
+        found.append(f"{'an' if kind[0] in 'aeiou' else 'a'} {kind} {what}")
+    info = json.loads(run(["lsblk", "--json", "-o", "NAME", device], check=False).stdout or '{"blockdevices": []}')
+    children = sum(len(dev.get("children") or ()) for dev in info.get("blockdevices", []))
+    if children:
+        found.append(f"{children} partition(s) or volume(s)")
     signatures = json.loads(run(["wipefs", "--json", "--no-act", device], check=False).stdout
                             or '{"signatures": []}')
     for sig in signatures.get("signatures", []):
-        kind = sig.get("type", "?")
-        if not any(kind in text for text in found) and not (kind == "LVM2_member" and "LVM" in found):
-            found.append(f"a {kind} signature")
+        other = sig.get("type", "?")
+        if other not in (kind, probe.get("PTTYPE"), "LVM2_member"):
+            found.append(f"a {other} signature")
     return tuple(dict.fromkeys(found))
 
 

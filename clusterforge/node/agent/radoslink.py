@@ -8,10 +8,13 @@ packages) answers the same monitor commands in milliseconds once connected.
 from __future__ import annotations
 
 import json
+import socket
+import struct
 from pathlib import Path
 from typing import Any
 
 CONF = "/etc/ceph/ceph.conf"
+ASOK = "/var/run/ceph/ceph-{daemon}.asok"  # a daemon's admin socket, on its own node
 CONNECT_TIMEOUT = 10  # seconds: a monitor quorum that does not answer in this time is not there
 COMMAND_TIMEOUT = 20
 
@@ -77,3 +80,27 @@ class Link:
             except Exception:  # noqa: BLE001 - a broken connection may fail to close in many ways
                 pass
             self._cluster = None
+
+
+def daemon(name: str, prefix: str, timeout: float = COMMAND_TIMEOUT) -> Any:
+    """A command to a local daemon's admin socket (`ceph daemon NAME PREFIX`), spoken directly:
+    the command as JSON and a NUL; the answer's length (4 bytes, big-endian), then JSON."""
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(timeout)
+            sock.connect(ASOK.format(daemon=name))
+            sock.sendall(json.dumps({"prefix": prefix, "format": "json"}).encode() + b"\0")
+            head = _read(sock, 4)
+            return json.loads(_read(sock, struct.unpack(">I", head)[0]) or b"null")
+    except (OSError, ValueError, struct.error) as exc:
+        raise RadosError(f"{name}'s admin socket: {exc}") from None
+
+
+def _read(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise OSError("closed before the whole answer")
+        data += chunk
+    return data
