@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from clusterforge import revocation
 from clusterforge.node import seed as seedlib
-from clusterforge.node.agent import context, etcd, pki, wireguard
+from clusterforge.node.agent import backup, context, etcd, pki, wireguard
 from clusterforge.node.agent.context import Ctx
 from clusterforge.node.agent.etcd_client import EtcdClient, EtcdError, TLSFiles
 from clusterforge.node.seed import BootMode, Role, Service
@@ -249,22 +249,29 @@ def wireguard_facts() -> wireguard.Facts:
                            mine_published=False, etcd_reachable=True, now=0)
 
 
-def test_a_snapshot_restores_as_the_readme_says(member: Member, tmp_path: Path) -> None:
-    """The agent's snapshot of its own member, restored the README's way (the values of the
-    member's own environment file) into a new data directory: the data comes back."""
+def test_a_snapshot_restores_as_the_readme_says(member: Member, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The agent's hourly snapshot, taken through the node's own etcdctl wrapper, restored the
+    README's way (the values of the member's own environment file) into a new data directory:
+    the data comes back."""
     ctx = member.ctx
     client_of(ctx, ctx.tls).put("/clusterforge/before", "kept")
-    snapshot = tmp_path / "etcd-s1.db"
-    tls = ctx.tls
-    etcdctl = ["/usr/bin/etcdctl", f"--endpoints=https://127.0.0.1:{etcd.ETCD_CLIENT_PORT}", f"--cacert={tls.ca}",
-               f"--cert={tls.cert}", f"--key={tls.key}"]
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
-    subprocess.run([*etcdctl, "snapshot", "save", str(snapshot)], check=True, capture_output=True,
-                   env={**clean, "ETCDCTL_API": "3"})
+    wrapper = tmp_path / "etcdctl"
+    wrapper.write_text(etcd.etcdctl_wrapper(ctx))
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(backup, "ETCDCTL", wrapper)
+    monkeypatch.setattr(backup, "ETCD_CLIENT_PORT", etcd.ETCD_CLIENT_PORT)
+    assert [s.name for s in backup.plan(ctx, backup.facts(ctx))] == ["backup: etcd snapshot"]  # type: ignore[union-attr]
+    backup.plan(ctx, backup.facts(ctx))[0].apply()  # type: ignore[index]
+    facts = backup.facts(ctx)
+    assert len(facts.snapshots) == 1 and backup.plan(ctx, facts) == []  # the next one in an hour
+    snapshot = backup.folder(ctx) / facts.snapshots[0].name
+    assert snapshot.stat().st_mode & 0o777 == 0o600
     member.kill()
     data = Path(member.env["ETCD_DATA_DIR"])
     data.rename(data.with_name("etcd.lost"))
     env = member.env
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
     subprocess.run(["/usr/bin/etcdctl", "snapshot", "restore", str(snapshot), "--name", env["ETCD_NAME"],
                     "--initial-cluster", env["ETCD_INITIAL_CLUSTER"],
                     "--initial-cluster-token", env["ETCD_INITIAL_CLUSTER_TOKEN"],

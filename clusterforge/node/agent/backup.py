@@ -105,10 +105,11 @@ def save(ctx: Ctx) -> None:
     host.ensure_dir(folder(ctx), 0o700)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = folder(ctx) / f"{PREFIX}{ctx.me.name}-{stamp}{SUFFIX}"
-    # From this node's own member (a snapshot takes one endpoint); etcdctl writes <name>.part
-    # and renames it when the snapshot is whole.
-    run([str(ETCDCTL), f"--endpoints=https://127.0.0.1:{ETCD_CLIENT_PORT}", "snapshot", "save", str(target)],
-        timeout=TIMEOUT)
+    # From this node's own member (a snapshot takes one endpoint; given as the wrapper's variable,
+    # which etcdctl refuses to see shadowed by a flag); etcdctl writes <name>.part and renames
+    # it when the snapshot is whole.
+    run([str(ETCDCTL), "snapshot", "save", str(target)], timeout=TIMEOUT,
+        env={"ETCDCTL_ENDPOINTS": f"https://127.0.0.1:{ETCD_CLIENT_PORT}"})
     target.chmod(0o600)
 
 
@@ -119,7 +120,7 @@ def prune(ctx: Ctx, names: list[str]) -> None:
 
 def to_rbd(ctx: Ctx, snapshot: str) -> None:
     image = snapshot.removesuffix(SUFFIX)
-    ceph = [f"--connect-timeout={CONNECT_TIMEOUT}"]
+    ceph = [f"--client_mount_timeout={CONNECT_TIMEOUT}"]  # rbd takes librados' option, not ceph's --connect-timeout
     listed = run(["rbd", *ceph, "ls", POOL], timeout=TIMEOUT).stdout.split()
     if image not in listed:
         run(["rbd", *ceph, "import", str(folder(ctx) / snapshot), f"{POOL}/{image}"], timeout=TIMEOUT)
