@@ -76,6 +76,9 @@ def test_ceph_conf_for_three_storage_hosts(lab: dict[str, seedlib.Seed], tmp_pat
     assert conf_value(conf, "mon_allow_pool_size_one") == ""  # left at Ceph's default
     assert conf_value(conf, "osd_memory_target", section="osd.0") == str(1024**3)
     assert conf_value(conf, "osd_memory_target") == ""  # the OSDs' setting only
+    assert conf_value(conf, "mon_warn_on_slow_ping_time") == ""  # Ceph's 1 s on metal and under KVM
+    conf.write_text(ceph.ceph_conf(Ctx(lab["s1"]), emulated=True))
+    assert conf_value(conf, "mon_warn_on_slow_ping_time") == "5000"  # under TCG the CPU delays heartbeats
 
 
 def test_ceph_conf_for_one_storage_host(tmp_path: Path) -> None:

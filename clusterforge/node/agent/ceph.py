@@ -47,6 +47,7 @@ OSD_MEMORY_TARGET = 1024**3  # nodes of 3-4 GiB: an OSD, a monitor and a manager
 # election (frequent on emulated machines under load) stays a "slow op" until the monitor
 # restarts (seen with Pacific 16.2.15: SLOW_OPS "oldest is log(1 entries ...)" for good).
 STUCK_LOG_SECONDS = 180
+SLOW_PING_EMULATED_MS = 5000
 # Health checks that are expected with fewer than three storage hosts: said, not failed.
 EXPECTED_SMALL = {"POOL_NO_REDUNDANCY"}
 
@@ -67,9 +68,10 @@ def mon_addrs(ip: object) -> str:
     return f"[v2:{ip}:3300,v1:{ip}:6789]"
 
 
-def ceph_conf(ctx: Ctx) -> str:
+def ceph_conf(ctx: Ctx, emulated: bool = False) -> str:
     """The configuration every Ceph node shares; each setting that differs from Ceph's
-    defaults says why (the README lists them)."""
+    defaults says why (the README lists them). `emulated`: the node runs under software
+    emulation (QEMU's TCG), where the CPU, not the network, delays heartbeats."""
     c = ctx.seed.cluster
     core = c.with_role(Role.CORE)
     size = pool_size(ctx)
@@ -93,6 +95,9 @@ def ceph_conf(ctx: Ctx) -> str:
         # Small root disks: warn at 10% free, not 30%.
         "mon_data_avail_warn = 10",
         "mon_allow_pool_size_one = true" if size == 1 else "",
+        # Under software emulation an OSD's heartbeat takes seconds to be answered (the CPU is
+        # emulated, the network is not slow): warn at 5 s there, at Ceph's 1 s on real machines.
+        f"mon_warn_on_slow_ping_time = {SLOW_PING_EMULATED_MS}" if emulated else "",
         "",
         "[osd]",
         # Nodes of 3-4 GiB: 1 GiB of cache per OSD instead of 4 GiB.
@@ -151,6 +156,7 @@ class Facts:
     status_why: str
     pools: tuple[dict[str, Any], ...]  # `ceph osd pool ls detail`
     stuck_log: float = 0.0  # seconds the oldest forwarded cluster-log message has waited on my monitor
+    emulated: bool = False  # the machine is emulated (systemd-detect-virt: qemu), not a VM under KVM or metal
 
 
 def unit_names(ctx: Ctx) -> tuple[str, ...]:
@@ -172,6 +178,7 @@ def facts(ctx: Ctx) -> Facts:
             status, why = None, str(exc)[:200]
     return Facts(
         stuck_log=stuck_log(me, status) if core else 0.0,
+        emulated=host.emulated(),
         conf=host.read_text(CONF),
         admin_keyring_ok=not core or host.file_is(ADMIN_KEYRING, admin_keyring(ctx), 0o600),
         bootstrap_keyring_ok=not ctx.me.has(Role.STORAGE) or host.file_is(
@@ -200,9 +207,10 @@ def stuck_log(me: str, status: dict[str, Any] | None) -> float:
 def plan(ctx: Ctx, f: Facts) -> Plan:
     me = ctx.me.name
     steps: list[Step] = []
-    if f.conf != ceph_conf(ctx):
+    conf = ceph_conf(ctx, f.emulated)
+    if f.conf != conf:
         steps.append(Step("ceph: write ceph.conf", "monitors, network and settings from the seed",
-                          lambda: host.write(CONF, ceph_conf(ctx), 0o644)))
+                          lambda: host.write(CONF, conf, 0o644)))
     if not f.admin_keyring_ok:
         steps.append(Step("ceph: install the admin keyring", "`ceph` works for root on core nodes",
                           lambda: host.write(ADMIN_KEYRING, admin_keyring(ctx), 0o600)))
