@@ -24,7 +24,7 @@ from .context import Ctx
 from .etcd_client import EtcdError
 
 PORT = 80
-SERVICE_ORDER = ("time", "wireguard", "etcd", "vip", "pxe", "ceph", "osd", "munge", "slurmctld", "slurm", "k3s",
+SERVICE_ORDER = ("nic", "time", "wireguard", "etcd", "vip", "pxe", "ceph", "osd", "munge", "slurmctld", "slurm", "k3s",
                  "backup")
 GOOD = ("ok", "off")
 FINE = ("ok", "off", "degraded")  # degraded: working, with something to see (a refused disk)

@@ -23,6 +23,7 @@ from . import (
     k3s,
     leave,
     munge,
+    nic,
     osd,
     pxe,
     record,
@@ -36,7 +37,7 @@ from .context import Ctx
 from .core import PassResult, State, Status, run_pass
 
 # The order the services converge in (DESIGN.md): each needs only what comes before it.
-SERVICES = [wireguard, timesync, etcd, vip, pxe, ceph, osd, munge, slurmctld, slurm, k3s, backup]
+SERVICES = [nic, wireguard, timesync, etcd, vip, pxe, ceph, osd, munge, slurmctld, slurm, k3s, backup]
 # What to do at once when a singleton's lease is found gone between passes.
 ON_LOST = {slurmctld.ELECTION: slurmctld.lost, pxe.ELECTION: pxe.lost}
 FAST, SLOW = 2.0, 15.0  # seconds between passes: after a change, and at most when converged
