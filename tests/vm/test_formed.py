@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from clusterforge.run import CommandError
 from clusterforge.verify import faults
 from clusterforge.verify.checks import Probe
 from clusterforge.verify.faults import until
@@ -150,6 +151,28 @@ def test_k3s_not_verified_without_a_bundle(formed: ClusterVMs) -> None:
 
 
 # ---------------------------------------------------------------- faults, last
+
+
+def test_a_reset_nic_brings_its_node_back(formed: ClusterVMs) -> None:
+    """What the agent does when a transmit queue hangs (nic.py), done by hand on s3: its NIC
+    unbound and bound again, the node answers on its address again and the cluster is healthy."""
+    ip = str(formed.cluster.node("s3").ip)
+    boot = sh(formed, "s3", "cat /proc/sys/kernel/random/boot_id")
+    code = f"from clusterforge.node.agent import nic; print(nic.reset(nic.lan_interface('{ip}'), '{ip}'))"
+    # In a unit of its own: the SSH session that starts it goes down with the NIC.
+    sh(formed, "s3", f'systemd-run --unit=cf-nic-reset --on-active=2 python3 -c "{code}"')
+
+    def done() -> bool:
+        try:
+            return "Deactivated successfully" in sh(formed, "s3", "journalctl -u cf-nic-reset -o cat --no-pager",
+                                                    check=False, timeout=30)
+        except CommandError:
+            return False  # s3 not answering yet
+
+    until("the reset done on s3", done, seconds=300)
+    assert sh(formed, "s3", "cat /proc/sys/kernel/random/boot_id") == boot  # the same boot: only the NIC reset
+    until("check-cluster OK after the reset", lambda: formed.ssh(formed.cluster.node("s1")).run(
+        "check-cluster", check=False).returncode == 0, seconds=DEADLINE)
 
 
 def test_a_wiped_etcd_member_rejoins_by_itself(formed: ClusterVMs) -> None:

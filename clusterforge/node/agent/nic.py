@@ -78,7 +78,7 @@ def plan(ctx: Ctx, f: Facts) -> Plan:
         interface, count = f.interface, f.timeouts
         return [Step(f"nic: reset {interface}", f"its transmit queue hung ({count - f.seen} timeouts since the "
                                                 "last look); a device reset brings it back",
-                     lambda: reset(ctx, interface, str(ctx.me.ip)))]
+                     lambda: remember(ctx, tx_timeouts(reset(interface, str(ctx.me.ip)))))]
     return []
 
 
@@ -87,17 +87,18 @@ def remember(ctx: Ctx, count: int) -> None:
     host.write(marker(ctx), f"{count}\n", 0o644)
 
 
-def reset(ctx: Ctx, interface: str, ip: str) -> None:
+def reset(interface: str, ip: str) -> str:
+    """Unbind the NIC from its driver and bind it again; the interface that holds ip after."""
     device = (SYS_NET / interface / "device").resolve()
     driver = (device / "driver").resolve()
     (driver / "unbind").write_text(device.name)
     (driver / "bind").write_text(device.name)
     deadline = time.monotonic() + BACK_SECONDS
-    while not lan_interface(ip):
+    while not (back := lan_interface(ip)):
         if time.monotonic() > deadline:
             raise StepFailed(f"{interface} did not come back with {ip} within {BACK_SECONDS}s after the reset")
         time.sleep(1)  # systemd-networkd configures the interface again
-    remember(ctx, tx_timeouts(lan_interface(ip)))
+    return back
 
 
 def health(ctx: Ctx, f: Facts) -> Status:
