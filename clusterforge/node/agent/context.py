@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .. import seed as seedlib
 from ..seed import CA_CERT, NODE_CERT, NODE_KEY, Role, Seed
+from . import host
 from .election import Election
 from .etcd_client import EtcdClient, TLSFiles
 
@@ -17,6 +18,9 @@ ETCD_PEER_PORT = 2380
 ETCD_TIMEOUT = 5.0  # per request; emulated machines answer in tens of milliseconds
 PROBE_TIMEOUT = 2.0  # asking one member how it is: a down member must not stall a pass
 ELECTION_TTL = 15  # seconds: a paused or cut-off holder loses a singleton after this
+# Under software emulation one etcd answer can take seconds when the machines are busy: a
+# holder keeps its lease through that rather than hand the role round the cluster.
+ELECTION_TTL_EMULATED = 30
 
 
 @dataclass
@@ -64,7 +68,8 @@ class Ctx:
 
     def election(self, name: str) -> Election:
         if name not in self._elections:
-            self._elections[name] = Election(self.etcd, name, self.me.name, ttl=ELECTION_TTL)
+            ttl = ELECTION_TTL_EMULATED if host.emulated() else ELECTION_TTL
+            self._elections[name] = Election(self.etcd, name, self.me.name, ttl=ttl)
         return self._elections[name]
 
     @property
