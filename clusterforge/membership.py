@@ -41,6 +41,7 @@ from . import secrets as secrets_mod
 from .fsutil import write_atomic
 from .inventory import Cluster, Role, Service
 from .log import die, info
+from .node.agent import etcd as etcd_agent
 from .node.agent.etcd import CRL_KEY
 from .node.agent.pxe import INSTALLED
 from .node.agent.record import HEALTH_PREFIX
@@ -316,14 +317,21 @@ def release_record(cluster: Cluster, paths: Paths, name: str) -> list[str]:
 
 
 def crl_in_etcd(session: Session, cluster: Cluster, paths: Paths, what: str) -> str:
-    """The revocation reached etcd (the core nodes' agents put it there), so etcd refuses it."""
+    """The revocation took effect: etcd holds the new CRL (the core nodes' agents put it there,
+    and every node takes it from there) and every core node that answers has given it to its
+    etcd member, which reads it for each connection."""
     crl = (paths.cluster_state(cluster.name) / revocation.CRL_FILE).read_text().strip()
+    cores = [n for n in session.running.with_role(Role.CORE) if session.answers(n)]
+    copy = f"{etcd_agent.TLS_DIR}/crl.pem"
 
-    def there() -> tuple[bool, str]:
-        got = session.sh(f"etcdctl get --print-value-only {CRL_KEY}", check=False).strip()
-        return got == crl, "the core nodes' agents have not yet put the new CRL in etcd"
+    def everywhere() -> tuple[bool, str]:
+        if session.sh(f"etcdctl get --print-value-only {CRL_KEY}", check=False).strip() != crl:
+            return False, "the core nodes' agents have not yet put the new CRL in etcd"
+        behind = [n.name for n in cores
+                  if session.node_target(n).run(f"cat {copy}", check=False, timeout=60).stdout.strip() != crl]
+        return not behind, f"the etcd members of {', '.join(behind)} do not have the new CRL yet"
 
-    wait("etcd", there)
+    wait("etcd", everywhere)
     return f"etcd and the agents refuse {what} from now on"
 
 

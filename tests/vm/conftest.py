@@ -208,9 +208,10 @@ def grown(formed: ClusterVMs, tmp_path_factory: pytest.TempPathFactory) -> Itera
         forge(*on_formed("cluster.kill", "c1", inventory=path), check=False)
 
 
+# Not the singletons (slurmctld, the PXE's dnsmasq): a busy emulated cluster may move them for
+# reasons of its own, which is no restart a joining node caused.
 UNITS_WATCHED = ("clusterforge-etcd.service", "keepalived.service", "chrony.service", "munge.service",
-                 "slurmd.service", "slurmctld.service", "ceph-mon@*.service", "ceph-mgr@*.service",
-                 "ceph-osd@*.service", "clusterforge-dnsmasq.service")
+                 "slurmd.service", "ceph-mon@*.service", "ceph-mgr@*.service", "ceph-osd@*.service")
 
 
 def service_starts(vms: ClusterVMs, nodes: list[str]) -> dict[str, str]:
