@@ -5,47 +5,26 @@ a monitor restarted when a forwarded cluster-log message is stuck on it."""
 
 from __future__ import annotations
 
-import base64
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-from clusterforge import inventory, render
 from clusterforge.node import seed as seedlib
 from clusterforge.node.agent import ceph, host, osd
 from clusterforge.node.agent.context import Ctx
 
 from .conftest import EXAMPLE, FIXED_STATE
+from .seeds import seeds_on_disk
 
 ONE_STORAGE_HOST = EXAMPLE.read_text().replace(
     '  - mac: "52:54:00:00:00:12"\n    roles: [core, storage, compute]\n    disks: [/dev/vdb]',
     '  - mac: "52:54:00:00:00:12"\n    roles: [core, compute]').replace(
     '  - mac: "52:54:00:00:00:13"\n    roles: [core, storage, compute]\n    disks: [/dev/vdb]',
     '  - mac: "52:54:00:00:00:13"\n    roles: [core, compute]')
-
-
-def seeds_on_disk(text: str, tmp: Path) -> dict[str, seedlib.Seed]:
-    """Every node's seed with its files (keys included), as cloud-init writes them on the node."""
-    shutil.copytree(FIXED_STATE, tmp / "state")
-    (tmp / "inv.yaml").write_text(text)
-    out = render.render(inventory.load(tmp / "inv.yaml"), tmp / "dist", tmp / "state").path
-    seeds = {}
-    for folder in sorted((out / "nodes").iterdir()):
-        root = tmp / "nodes" / folder.name
-        for f in yaml.safe_load((folder / "user-data").read_text())["write_files"]:
-            rel = Path(f["path"]).relative_to(seedlib.CONFIG_DIR)
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            content = f.get("content", "")
-            data = base64.b64decode(content) if f.get("encoding") == "b64" else content.encode()
-            (root / rel).write_bytes(data)
-        seeds[folder.name] = seedlib.load(root)
-    return seeds
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import yaml
 
-from clusterforge import inventory, render
 from clusterforge.node import seed as seedlib
 from clusterforge.node.agent import core, munge, slurm, slurmconf, slurmctld, slurmstate
 from clusterforge.node.agent.context import Ctx
@@ -28,7 +26,8 @@ from clusterforge.node.agent.core import State, StepFailed, Wait
 from clusterforge.node.agent.host import Unit
 from clusterforge.node.seed import Role, Service
 
-from .conftest import DATA, EXAMPLE, FIXED_STATE
+from .conftest import DATA, EXAMPLE
+from .seeds import seeds_on_disk
 
 FACTS = DATA / "facts"
 MODULES: dict[str, Any] = {"munge": munge, "slurm": slurm, "slurmctld": slurmctld}
@@ -38,25 +37,10 @@ LARGER = EXAMPLE.read_text().replace("roles: [core, storage, compute]", "roles: 
     f'  - mac: "52:54:00:00:00:{21 + i}"\n    roles: [compute]\n' for i in range(4))
 
 
-def render_seeds(text: str, tmp: Path) -> dict[str, seedlib.Seed]:
-    """Every node's seed, as cloud-init writes it on the node."""
-    shutil.copytree(FIXED_STATE, tmp / "state")
-    (tmp / "inv.yaml").write_text(text)
-    out = render.render(inventory.load(tmp / "inv.yaml"), tmp / "dist", tmp / "state").path
-    seeds = {}
-    for folder in sorted((out / "nodes").iterdir()):
-        written = yaml.safe_load((folder / "user-data").read_text())["write_files"]
-        files = {f["path"]: f.get("content", "") for f in written}
-        conf = seedlib.CONFIG_DIR
-        seeds[folder.name] = seedlib.parse(files[f"{conf}/{seedlib.CLUSTER_JSON}"],
-                                           files[f"{conf}/{seedlib.IDENTITY_JSON}"])
-    return seeds
-
-
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, seedlib.Seed]]:
-    return {"example": render_seeds(EXAMPLE.read_text(), tmp_path_factory.mktemp("example")),
-            "larger": render_seeds(LARGER, tmp_path_factory.mktemp("larger"))}
+    return {"example": seeds_on_disk(EXAMPLE.read_text(), tmp_path_factory.mktemp("example")),
+            "larger": seeds_on_disk(LARGER, tmp_path_factory.mktemp("larger"))}
 
 
 def without_ceph(seed: seedlib.Seed) -> seedlib.Seed:
