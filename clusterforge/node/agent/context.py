@@ -17,6 +17,9 @@ ETCD_CLIENT_PORT = 2379
 ETCD_PEER_PORT = 2380
 ETCD_TIMEOUT = 5.0  # per request; emulated machines answer in tens of milliseconds
 PROBE_TIMEOUT = 2.0  # asking one member how it is: a down member must not stall a pass
+# Under software emulation a busy member's TLS handshake and answer take seconds (seen: 2-6 s
+# while the cluster forms); with 2 s it was reported down while it served.
+PROBE_TIMEOUT_EMULATED = 8.0
 ELECTION_TTL = 15  # seconds: a paused or cut-off holder loses a singleton after this
 # Under software emulation one etcd answer can take seconds when the machines are busy: a
 # holder keeps its lease through that rather than hand the role round the cluster.
@@ -63,7 +66,8 @@ class Ctx:
     def etcd_probe(self) -> EtcdClient:
         """For per-member status: short timeouts."""
         if self._probe is None:
-            self._probe = EtcdClient(self.etcd_endpoints(), self.tls, timeout=PROBE_TIMEOUT)
+            timeout = PROBE_TIMEOUT_EMULATED if host.emulated() else PROBE_TIMEOUT
+            self._probe = EtcdClient(self.etcd_endpoints(), self.tls, timeout=timeout)
         return self._probe
 
     def election(self, name: str) -> Election:
