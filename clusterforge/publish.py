@@ -26,6 +26,7 @@ import io
 import json
 import subprocess
 import tarfile
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -302,21 +303,24 @@ def send(target: Target, cluster: str, manifest: Manifest, change: Change, files
     """One tar over the SSH connection's stdin; the node writes each file to a temporary name
     and renames it into place, and its manifest last."""
     argv = target.argv(RECEIVE_COMMAND)
-    proc = spawn(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    try:
-        write_tar(proc.stdin, cluster, manifest, change, files, core_seed, crl)
-        proc.stdin.close()
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the node stopped reading: its own words say why
-    try:
-        out, err = proc.communicate(timeout=SEND_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise CommandError(argv, None, "", f"timed out after {SEND_TIMEOUT:.0f}s") from None
-    if proc.returncode != 0:
-        raise CommandError(argv, proc.returncode, (out + err).decode(errors="replace"))
+    # The node's words go to a file: communicate() cannot follow a stdin we wrote and closed.
+    with tempfile.TemporaryFile() as said:
+        proc = spawn(argv, stdin=subprocess.PIPE, stdout=said, stderr=subprocess.STDOUT)
+        assert proc.stdin is not None
+        try:
+            with proc.stdin:
+                write_tar(proc.stdin, cluster, manifest, change, files, core_seed, crl)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the node stopped reading: its own words say why
+        try:
+            proc.wait(timeout=SEND_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise CommandError(argv, None, "", f"timed out after {SEND_TIMEOUT:.0f}s") from None
+        if proc.returncode != 0:
+            said.seek(0)
+            raise CommandError(argv, proc.returncode, said.read().decode(errors="replace"))
 
 
 # ---------------------------------------------------------------- the command

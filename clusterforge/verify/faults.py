@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from ..inventory import Node, Role
+from ..node.agent.slurmconf import parse_ping
 from ..vm.cluster import ClusterVMs
 from .checks import Failed, Probe, Result, core
 from .run import formation_timeout, wait_formed
@@ -57,9 +58,20 @@ def recover(vms: ClusterVMs, since: float, limit: float = RECOVERY_LIMIT) -> flo
     return took
 
 
+def settled_controller(vms: ClusterVMs, p: Probe, nodes: list[Node]) -> str:
+    """The node whose slurmctld answers (a test before may have moved the role): "" without SLURM."""
+    if not vms.cluster.services.slurm:
+        return ""
+
+    def answering() -> str:
+        name = controller(vms, p, nodes[0])
+        return name if name and parse_ping(p.sh(nodes[0], "scontrol ping", check=False)) == name else ""
+    return until("a SLURM controller elected and answering", answering, seconds=600)
+
+
 def power_off(vms: ClusterVMs, p: Probe) -> tuple[str, float]:
     nodes = core(vms)
-    victim_name = controller(vms, p, nodes[0]) or nodes[0].name
+    victim_name = settled_controller(vms, p, nodes) or nodes[0].name
     victim = vms.cluster.node(victim_name)
     live = [n for n in nodes if n != victim]
     asker = live[0]
@@ -81,7 +93,9 @@ def power_off(vms: ClusterVMs, p: Probe) -> tuple[str, float]:
         until("another SLURM controller answering", lambda: "UP" in p.sh(asker, "scontrol ping", check=False),
               seconds=300, every=1)
         failover = time.monotonic() - start
-    p.sh(asker, f"etcdctl put /clusterforge/fault-check {int(time.time())}")  # quorum kept
+    until("an etcd write on the live side (quorum kept)", lambda: "OK" in p.sh(
+        asker, f"etcdctl --command-timeout=20s put /clusterforge/fault-check {int(time.time())}", check=False),
+        seconds=120)
     until("the VIP on exactly one live core node", lambda: len(vip_holders(vms, p, live)) == 1)
     if vms.cluster.services.ceph:
         p.sh(asker, "rbd create rbd/fault-check --size 64 && dev=$(rbd map rbd/fault-check) && "

@@ -10,6 +10,7 @@ import io
 import json
 import shutil
 import subprocess
+import sys
 import tarfile
 import threading
 import uuid
@@ -31,6 +32,8 @@ from clusterforge.node.agent.etcd_client import EtcdClient
 from clusterforge.node.seed import PxeMode
 from clusterforge.paths import Paths
 from clusterforge.pxe.discovery import listing
+from clusterforge.run import CommandError
+from clusterforge.ssh import Target
 
 from .conftest import EXAMPLE, FIXED_STATE, REPO, write_inventory
 from .etcd_cluster import EtcdCluster, free_ports
@@ -158,6 +161,40 @@ def lay(cluster: inventory.Cluster, rendered: Path, image_dir: Path | None, root
     publish.write_tar(stream, cluster.name, manifest, change, files, core_seed)
     stream.seek(0)
     return manifest, change, pxepublish.receive(stream, root / "pxe", config)
+
+
+class LocalNode(Target):
+    """A "node" that is a command on this machine: argv() runs `code` with Python, not ssh."""
+
+    def __init__(self, code: str):
+        super().__init__("localhost", Path("/nonexistent"))
+        object.__setattr__(self, "code", code)
+
+    def argv(self, command: str, tty: bool = False) -> list[str]:
+        return [sys.executable, "-c", self.code]  # type: ignore[attr-defined]
+
+
+def test_send_streams_the_tar_to_the_node_and_says_why_it_failed(site: Site, tmp_path: Path) -> None:
+    """publish.send itself: the tar through a process's stdin, as over SSH (a stdin written and
+    closed by us must not break the wait for the node's answer)."""
+    old = site.load(EXAMPLE.read_text())
+    config = node_config(tmp_path, (site.published(old) / "inventory.json").read_text())
+    grown = site.load(GROWN)
+    rendered = site.published(grown)
+    files = publish.tree_files(grown, rendered, images(tmp_path, grown))
+    manifest = publish.manifest_of(files, publish.Hashes(tmp_path / "hashes.json"))
+    core_seed = (rendered / "inventory.json").read_text()
+    remote = publish.Remote.parse("s1", json.dumps(pxepublish.state(tmp_path / "pxe", config)))
+    change = publish.decide(manifest, core_seed, remote, grown.name)
+    receiver = (f"import sys; from pathlib import Path; from clusterforge.node import pxepublish; "
+                f"pxepublish.receive(sys.stdin.buffer, Path({str(tmp_path / 'pxe')!r}), Path({str(config)!r}))")
+    publish.send(LocalNode(receiver), grown.name, manifest, change, files, core_seed)
+    assert json.loads((tmp_path / "pxe/manifest.json").read_text()) == manifest
+    assert (tmp_path / "pxe/lab/pxe/boot.ipxe").read_text() == (rendered / "pxe/boot.ipxe").read_text()
+
+    refusing = "import sys; sys.stdin.buffer.read(100); print('disk full on s1'); sys.exit(3)"
+    with pytest.raises(CommandError, match="disk full on s1"):
+        publish.send(LocalNode(refusing), grown.name, manifest, change, files, core_seed)
 
 
 def test_publish_is_taken_in_and_nothing_is_sent_twice(site: Site, tmp_path: Path) -> None:
