@@ -98,10 +98,13 @@ def settle(look: Callable[[], str], seconds: float = SETTLE_SECONDS) -> str:
 CHECKS: list[tuple[str, str, Check]] = []
 
 
-def check(name: str, service: str) -> Callable[[Check], Check]:
+def check(name: str, service: str, settles: float = 0) -> Callable[[Check], Check]:
+    """Register a check; `settles`: seconds it is given to pass (see settle())."""
     def register(fn: Check) -> Check:
-        CHECKS.append((name, service, fn))
-        return fn
+        def settled(vms: ClusterVMs, p: Probe) -> str:
+            return settle(lambda: fn(vms, p), settles) if settles else fn(vms, p)
+        CHECKS.append((name, service, settled))
+        return settled
     return register
 
 
@@ -130,21 +133,18 @@ def run_all(vms: ClusterVMs, only: set[str] | None = None,
     return results
 
 
-@check("etcd: every member healthy over TLS", "etcd")
+@check("etcd: every member healthy over TLS", "etcd", settles=SETTLE_SECONDS)
 def etcd_health(vms: ClusterVMs, p: Probe) -> str:
     members = core(vms)
-
-    def look() -> str:
-        for node in members:
-            # A member's health is a quorum read; under emulation a busy cluster takes longer
-            # than etcdctl's 5 s to answer one (seen right after formation).
-            out = p.sh(node, f"etcdctl endpoint health --cluster --command-timeout={ETCD_COMMAND_TIMEOUT}s 2>&1",
-                       check=False)  # it reports on stderr
-            healthy = re.findall(r"^https://\S+ is healthy", out, re.MULTILINE)
-            if len(healthy) != len(members):
-                raise Failed(f"{node.name} sees {len(healthy)} of {len(members)} members healthy", out)
-        return f"{len(members)} members healthy, seen from each"
-    return settle(look)
+    for node in members:
+        # A member's health is a quorum read; under emulation a busy cluster takes longer
+        # than etcdctl's 5 s to answer one (seen right after formation).
+        out = p.sh(node, f"etcdctl endpoint health --cluster --command-timeout={ETCD_COMMAND_TIMEOUT}s 2>&1",
+                   check=False)  # it reports on stderr
+        healthy = re.findall(r"^https://\S+ is healthy", out, re.MULTILINE)
+        if len(healthy) != len(members):
+            raise Failed(f"{node.name} sees {len(healthy)} of {len(members)} members healthy", out)
+    return f"{len(members)} members healthy, seen from each"
 
 
 @check("etcd: no plaintext listener", "etcd")
@@ -156,36 +156,31 @@ def etcd_plaintext(vms: ClusterVMs, p: Probe) -> str:
     return "plain HTTP to the client port gets no answer"
 
 
-@check("time: every clock synchronised", "time")
+@check("time: every clock synchronised", "time", settles=SETTLE_SECONDS)
 def time_sync(vms: ClusterVMs, p: Probe) -> str:
-    def look() -> str:
-        for node in vms.cluster.nodes:
-            out = p.sh(node, "chronyc -n tracking")
-            if "Leap status     : Normal" not in out:
-                raise Failed(f"{node.name}'s clock is not synchronised", out)
-        return f"{len(vms.cluster.nodes)} nodes synchronised"
-    return settle(look)
+    for node in vms.cluster.nodes:
+        out = p.sh(node, "chronyc -n tracking")
+        if "Leap status     : Normal" not in out:
+            raise Failed(f"{node.name}'s clock is not synchronised", out)
+    return f"{len(vms.cluster.nodes)} nodes synchronised"
 
 
-@check("wireguard: handshakes and overlay pings", "wireguard")
+@check("wireguard: handshakes and overlay pings", "wireguard", settles=SETTLE_SECONDS)
 def mesh(vms: ClusterVMs, p: Probe) -> str:
     if not vms.cluster.services.wireguard:
         raise Skipped("WireGuard is off in the inventory")
     nodes = vms.cluster.nodes
-
-    def look() -> str:
-        for node in nodes:
-            others = " ".join(str(n.overlay_ip) for n in nodes if n != node)
-            if others:
-                p.sh(node, f"for a in {others}; do ping -c 2 -W 3 $a >/dev/null || "
-                           "{ echo unreachable $a; exit 1; }; done")
-            out = p.sh(node, "echo now $(date +%s); wg show wg0 latest-handshakes")
-            now = int(out.split()[1])
-            stamps = [int(line.split()[1]) for line in out.splitlines()[1:] if line.strip()]
-            if len(stamps) != len(nodes) - 1 or any(now - t > HANDSHAKE_FRESH for t in stamps):
-                raise Failed(f"{node.name}: a peer has no recent handshake", out)
-        return f"{len(nodes)} nodes, every pair answers over the overlay"
-    return settle(look)
+    for node in nodes:
+        others = " ".join(str(n.overlay_ip) for n in nodes if n != node)
+        if others:
+            p.sh(node, f"for a in {others}; do ping -c 2 -W 3 $a >/dev/null || "
+                       "{ echo unreachable $a; exit 1; }; done")
+        out = p.sh(node, "echo now $(date +%s); wg show wg0 latest-handshakes")
+        now = int(out.split()[1])
+        stamps = [int(line.split()[1]) for line in out.splitlines()[1:] if line.strip()]
+        if len(stamps) != len(nodes) - 1 or any(now - t > HANDSHAKE_FRESH for t in stamps):
+            raise Failed(f"{node.name}: a peer has no recent handshake", out)
+    return f"{len(nodes)} nodes, every pair answers over the overlay"
 
 
 def vip_holders(vms: ClusterVMs, p: Probe) -> list[str]:
@@ -193,62 +188,53 @@ def vip_holders(vms: ClusterVMs, p: Probe) -> list[str]:
     return [n.name for n in core(vms) if f" {vip}/" in p.sh(n, "ip -4 -o addr show")]
 
 
-@check("vip: on exactly one core node, answering", "vip")
+@check("vip: on exactly one core node, answering", "vip", settles=SETTLE_SECONDS)
 def vip(vms: ClusterVMs, p: Probe) -> str:
-    def look() -> str:
-        holders = vip_holders(vms, p)
-        if len(holders) != 1:
-            raise Failed(f"the VIP is held by {len(holders)} nodes ({', '.join(holders) or 'none'})")
-        out = p.sh(vms.cluster.nodes[-1], f"curl -sf -m 10 http://{vms.cluster.network.vip}/api/health")
-        # The holder's record in etcd follows the address by one pass of its agent.
-        if json.loads(out).get("vip_holder") != holders[0]:
-            raise Failed(f"the VIP is on {holders[0]}; its health API names another holder", out)
-        return f"held by {holders[0]}, answering /api/health"
-    return settle(look)
+    holders = vip_holders(vms, p)
+    if len(holders) != 1:
+        raise Failed(f"the VIP is held by {len(holders)} nodes ({', '.join(holders) or 'none'})")
+    out = p.sh(vms.cluster.nodes[-1], f"curl -sf -m 10 http://{vms.cluster.network.vip}/api/health")
+    # The holder's record in etcd follows the address by one pass of its agent.
+    if json.loads(out).get("vip_holder") != holders[0]:
+        raise Failed(f"the VIP is on {holders[0]}; its health API names another holder", out)
+    return f"held by {holders[0]}, answering /api/health"
 
 
-@check("health: check-cluster, /api/health and /status on every node", "health")
+@check("health: check-cluster, /api/health and /status on every node", "health", settles=SETTLE_SECONDS)
 def health_api(vms: ClusterVMs, p: Probe) -> str:
-    def look() -> str:
-        for node in vms.cluster.nodes:
-            proc = vms.ssh(node).run("check-cluster", check=False, timeout=120)
-            p.log.append(f"{node.name}$ check-cluster\n{proc.stdout}")
-            if proc.returncode != 0:
-                raise Failed(f"check-cluster on {node.name} says the cluster is unhealthy", proc.stdout)
-            record = json.loads(p.sh(vms.cluster.nodes[0], f"curl -sf -m 10 http://{node.ip}/api/health"))
-            if record.get("node") != node.name:
-                raise Failed(f"{node.ip}/api/health does not describe {node.name}")
-        page = p.sh(vms.cluster.nodes[0], f"curl -sf -m 10 http://{vms.cluster.network.vip}/status")
-        missing = [n.name for n in vms.cluster.nodes if f"<th>{n.name}<br>" not in page]
-        if missing:
-            raise Failed(f"/status does not list {', '.join(missing)}")
-        return "check-cluster exits 0 everywhere; every node's /api/health answers; /status lists every node"
-
-    return settle(look)
+    for node in vms.cluster.nodes:
+        proc = vms.ssh(node).run("check-cluster", check=False, timeout=120)
+        p.log.append(f"{node.name}$ check-cluster\n{proc.stdout}")
+        if proc.returncode != 0:
+            raise Failed(f"check-cluster on {node.name} says the cluster is unhealthy", proc.stdout)
+        record = json.loads(p.sh(vms.cluster.nodes[0], f"curl -sf -m 10 http://{node.ip}/api/health"))
+        if record.get("node") != node.name:
+            raise Failed(f"{node.ip}/api/health does not describe {node.name}")
+    page = p.sh(vms.cluster.nodes[0], f"curl -sf -m 10 http://{vms.cluster.network.vip}/status")
+    missing = [n.name for n in vms.cluster.nodes if f"<th>{n.name}<br>" not in page]
+    if missing:
+        raise Failed(f"/status does not list {', '.join(missing)}")
+    return "check-cluster exits 0 everywhere; every node's /api/health answers; /status lists every node"
 
 
-@check("ceph: HEALTH_OK, every usable disk an OSD up and in", "ceph")
+@check("ceph: HEALTH_OK, every usable disk an OSD up and in", "ceph", settles=CEPH_SETTLE_SECONDS)
 def ceph_health(vms: ClusterVMs, p: Probe) -> str:
     """Ceph's own verdict, given minutes to settle: warnings right after formation (slow
     heartbeats while the OSDs peer, a recovery) pass; what stays is reported."""
     if not vms.cluster.services.ceph:
         raise Skipped("Ceph is off in the inventory")
     hosts = sum(1 for n in vms.cluster.with_role(Role.STORAGE) if n.disks)
-
-    def look() -> str:
-        status = json.loads(p.sh(core(vms)[0], "ceph -s -f json"))
-        health = status["health"]["status"]
-        osdmap = status.get("osdmap", {})
-        osdmap = osdmap.get("osdmap", osdmap)
-        checks = set(status["health"].get("checks", {}))
-        if health != "HEALTH_OK" and not (hosts < 3 and checks <= {"POOL_NO_REDUNDANCY"}):
-            raise Failed(f"{health}: {', '.join(sorted(checks))}", json.dumps(status["health"], indent=1))
-        up, total, inn = osdmap.get("num_up_osds", 0), osdmap.get("num_osds", 0), osdmap.get("num_in_osds", 0)
-        if not total or up != total or inn != total:
-            raise Failed(f"{up} of {total} OSDs up, {inn} in")
-        return f"{health}, {up} OSDs up and in"
-
-    return settle(look, CEPH_SETTLE_SECONDS)
+    status = json.loads(p.sh(core(vms)[0], "ceph -s -f json"))
+    health = status["health"]["status"]
+    osdmap = status.get("osdmap", {})
+    osdmap = osdmap.get("osdmap", osdmap)
+    checks = set(status["health"].get("checks", {}))
+    if health != "HEALTH_OK" and not (hosts < 3 and checks <= {"POOL_NO_REDUNDANCY"}):
+        raise Failed(f"{health}: {', '.join(sorted(checks))}", json.dumps(status["health"], indent=1))
+    up, total, inn = osdmap.get("num_up_osds", 0), osdmap.get("num_osds", 0), osdmap.get("num_in_osds", 0)
+    if not total or up != total or inn != total:
+        raise Failed(f"{up} of {total} OSDs up, {inn} in")
+    return f"{health}, {up} OSDs up and in"
 
 
 @check("ceph: an RBD image written on one node reads back on another", "ceph")

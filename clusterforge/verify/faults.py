@@ -21,7 +21,7 @@ from typing import TypeVar
 from ..inventory import Node, Role
 from ..node.agent.slurmconf import parse_ping
 from ..vm.cluster import ClusterVMs
-from .checks import Failed, Probe, Result, core
+from .checks import ETCD_COMMAND_TIMEOUT, Failed, Probe, Result, core
 from .run import formation_timeout, wait_formed
 
 RECOVERY_LIMIT = 900.0  # seconds to fully healthy after a fault, under TCG (a power-cycle: a formation's)
@@ -93,9 +93,8 @@ def power_off(vms: ClusterVMs, p: Probe) -> tuple[str, float]:
         until("another SLURM controller answering", lambda: "UP" in p.sh(asker, "scontrol ping", check=False),
               seconds=300, every=1)
         failover = time.monotonic() - start
-    until("an etcd write on the live side (quorum kept)", lambda: "OK" in p.sh(
-        asker, f"etcdctl --command-timeout=20s put /clusterforge/fault-check {int(time.time())}", check=False),
-        seconds=120)
+    put = f"etcdctl --command-timeout={ETCD_COMMAND_TIMEOUT}s put /clusterforge/fault-check {int(time.time())}"
+    until("an etcd write on the live side (quorum kept)", lambda: "OK" in p.sh(asker, put, check=False), seconds=120)
     until("the VIP on exactly one live core node", lambda: len(vip_holders(vms, p, live)) == 1)
     if vms.cluster.services.ceph:
         p.sh(asker, "rbd create rbd/fault-check --size 64 && dev=$(rbd map rbd/fault-check) && "

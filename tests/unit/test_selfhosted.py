@@ -149,14 +149,30 @@ def node_config(root: Path, seed_text: str, node: str = "s1") -> Path:
     return config
 
 
-def lay(cluster: inventory.Cluster, rendered: Path, image_dir: Path | None, root: Path, config: Path,
-        remote: publish.Remote | None = None) -> tuple[pxepublish.Manifest, publish.Change, list[str]]:
-    """Publish into a node's folders as cluster.publish does, through the tar the node reads."""
+@dataclasses.dataclass(frozen=True)
+class Publishing:
+    """What cluster.publish decides to send a node, before it sends it."""
+
+    files: dict[str, Path]
+    manifest: pxepublish.Manifest
+    core_seed: str
+    change: publish.Change
+
+
+def publishing(cluster: inventory.Cluster, rendered: Path, image_dir: Path | None, root: Path, config: Path,
+               remote: publish.Remote | None = None) -> Publishing:
     files = publish.tree_files(cluster, rendered, image_dir)
     manifest = publish.manifest_of(files, publish.Hashes(root / "hashes.json"))
     core_seed = (rendered / "inventory.json").read_text()
     remote = remote or publish.Remote.parse("s1", json.dumps(pxepublish.state(root / "pxe", config)))
-    change = publish.decide(manifest, core_seed, remote, cluster.name)
+    return Publishing(files, manifest, core_seed, publish.decide(manifest, core_seed, remote, cluster.name))
+
+
+def lay(cluster: inventory.Cluster, rendered: Path, image_dir: Path | None, root: Path, config: Path,
+        remote: publish.Remote | None = None) -> tuple[pxepublish.Manifest, publish.Change, list[str]]:
+    """Publish into a node's folders as cluster.publish does, through the tar the node reads."""
+    plan = publishing(cluster, rendered, image_dir, root, config, remote)
+    files, manifest, core_seed, change = plan.files, plan.manifest, plan.core_seed, plan.change
     stream = io.BytesIO()
     publish.write_tar(stream, cluster.name, manifest, change, files, core_seed)
     stream.seek(0)
@@ -181,11 +197,8 @@ def test_send_streams_the_tar_to_the_node_and_says_why_it_failed(site: Site, tmp
     config = node_config(tmp_path, (site.published(old) / "inventory.json").read_text())
     grown = site.load(GROWN)
     rendered = site.published(grown)
-    files = publish.tree_files(grown, rendered, images(tmp_path, grown))
-    manifest = publish.manifest_of(files, publish.Hashes(tmp_path / "hashes.json"))
-    core_seed = (rendered / "inventory.json").read_text()
-    remote = publish.Remote.parse("s1", json.dumps(pxepublish.state(tmp_path / "pxe", config)))
-    change = publish.decide(manifest, core_seed, remote, grown.name)
+    plan = publishing(grown, rendered, images(tmp_path, grown), tmp_path, config)
+    files, manifest, core_seed, change = plan.files, plan.manifest, plan.core_seed, plan.change
     receiver = (f"import sys; from pathlib import Path; from clusterforge.node import pxepublish; "
                 f"pxepublish.receive(sys.stdin.buffer, Path({str(tmp_path / 'pxe')!r}), Path({str(config)!r}))")
     publish.send(LocalNode(receiver), grown.name, manifest, change, files, core_seed)
