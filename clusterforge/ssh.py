@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,13 @@ from .run import CommandError, run, which
 
 OPTIONS = ("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
            "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5")
+# One connection per node, kept for a minute and shared by the commands that follow: under
+# emulation a new SSH connection costs the guest seconds (key exchange, PAM, a logind session),
+# a command over a shared one a fraction of that. A master whose node stopped answering (powered
+# off, cut off, paused) gives up after MUX_ALIVE and the next command connects anew.
+MUX_PERSIST = 60
+MUX_ALIVE = ("-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6")
+SSH_FAILED = 255  # ssh's own exit code: it never reached the command
 
 
 @dataclass(frozen=True)
@@ -22,24 +31,36 @@ class Target:
     netns: str | None = None  # reach the node from inside this network namespace
 
     def argv(self, command: str, tty: bool = False) -> list[str]:
-        argv = [which("ssh"), *OPTIONS, "-i", str(self.key), "-p", str(self.port)]
+        argv = [which("ssh"), *OPTIONS, *self.mux_options(), "-i", str(self.key), "-p", str(self.port)]
         argv += ["-t"] if tty else []
         argv += [f"{self.user}@{self.host}", command] if command else [f"{self.user}@{self.host}"]
         return [which("ip"), "netns", "exec", self.netns, *argv] if self.netns else argv
+
+    def mux_options(self) -> tuple[str, ...]:
+        # Sockets named by network namespace too: two QEMU clusters may use the same addresses.
+        folder = Path(tempfile.gettempdir()) / f"clusterforge-ssh-{os.getuid()}"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        path = folder / f"{self.netns or 'direct'}-%C"
+        return ("-o", "ControlMaster=auto", "-o", f"ControlPath={path}", "-o", f"ControlPersist={MUX_PERSIST}",
+                *MUX_ALIVE)
 
     def run(self, command: str, check: bool = True, timeout: float = 120,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
         return run(self.argv(command), check=check, timeout=timeout, input=input)
 
-    def wait(self, timeout: float) -> None:
-        """Until the node accepts our key, or timeout."""
+    def wait(self, timeout: float, command: str = "true",
+             command_timeout: float = 15) -> subprocess.CompletedProcess[str]:
+        """Run command once the node accepts our key, or TimeoutError. Only ssh's own failures
+        (exit 255: refused, no route, a banner that did not come) are tried again; a failing
+        command raises at once."""
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:
             try:
-                self.run("true", timeout=15)
-                return
+                return self.run(command, timeout=command_timeout)
             except CommandError as exc:
+                if exc.code not in (SSH_FAILED, None):
+                    raise
                 last = str(exc)
-            time.sleep(2)  # sshd not up yet: nothing to wait on but the next attempt
+            time.sleep(2)  # sshd not up yet, or too busy to answer: nothing to wait on but the next attempt
         raise TimeoutError(f"ssh {self.user}@{self.host}:{self.port} not reachable in {timeout:.0f}s: {last}")

@@ -182,12 +182,14 @@ class ClusterVMs:
             m.start()
             started.append(node)
             info(f"{node.name}: started ({self.accel.name}, {m.spec.cpus} vCPU, {m.spec.memory_mb} MiB)")
-        self.wait_ready(started, timeout)
+        try:
+            self.wait_ready(started, timeout)
+        finally:
+            for node in started:
+                self.machine(node).close()  # QEMU serves one monitor client: leave it free for the next command
         timeline = {n.name: {**self.machine(n).timeline.phases, "at": round(self.machine(n).timeline.at, 2)}
                     for n in started}
         self._record_timeline(timeline)
-        for node in started:
-            self.machine(node).close()
         return timeline
 
     def wait_ready(self, nodes: list[Node], timeout: float) -> None:
@@ -213,9 +215,8 @@ class ClusterVMs:
             time.sleep(0.5)  # consoles are log files: poll them
         for node in nodes:
             m = self.machine(node)
-            target = self.ssh(node)
-            target.wait(max(30.0, deadline - time.monotonic()))
-            out = target.run("cloud-init status --wait >/dev/null; hostname", timeout=600).stdout.strip()
+            out = self.ssh(node).wait(max(30.0, deadline - time.monotonic()), "cloud-init status --wait >/dev/null; "
+                                      "hostname", command_timeout=600).stdout.strip()
             if out != node.name:
                 raise m.error(f"hostname is '{out}', expected '{node.name}': the seed was not applied")
             m.timeline.mark("seed")

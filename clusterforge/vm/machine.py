@@ -31,6 +31,16 @@ OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 
 
 UNIX_PATH_MAX = 108  # sun_path in struct sockaddr_un, on Linux
+GREETING_TIMEOUT = 5.0  # seconds for QEMU's QMP greeting once connected
+
+
+class Monitor(QEMUMonitorProtocol):
+    """The legacy QMP client, whose connect() would wait forever for a greeting from a monitor
+    that is serving another client."""
+
+    def connect_within(self, timeout: float) -> None:
+        self._qmp.await_greeting = self._qmp.negotiate = True
+        self._sync(self._qmp.connect(self._address), timeout)
 
 
 class MachineError(Exception):
@@ -172,13 +182,15 @@ class Machine:
         return self
 
     def _connect(self, timeout: float) -> None:
-        # QEMU is the QMP server, so any later command can connect to a running machine.
+        # QEMU is the QMP server, so any later command can connect to a running machine. It
+        # serves one client at a time: a second one is accepted but greeted only when the first
+        # leaves, so each try waits a bounded time for the greeting.
         deadline = time.monotonic() + timeout
         while True:
             if self.qmp_socket.exists():
-                qmp = QEMUMonitorProtocol(str(self.qmp_socket))
+                qmp = Monitor(str(self.qmp_socket))
                 try:
-                    qmp.connect()
+                    qmp.connect_within(GREETING_TIMEOUT)
                     self._qmp = qmp
                     return
                 except Exception as exc:  # noqa: BLE001 - not listening yet, or busy
@@ -189,6 +201,9 @@ class Machine:
             if self._proc is not None and self._proc.poll() is not None:
                 raise self.error(f"QEMU exited with status {self._proc.returncode} before QMP was up")
             if time.monotonic() > deadline:
+                if self._proc is None:  # attached: the machine runs, another command holds its monitor
+                    raise self.error(f"QMP did not greet within {timeout:.0f}s: another command may hold "
+                                     f"{self.qmp_socket} ({type(last).__name__}: {last})")
                 self.kill()
                 raise self.error(f"QMP did not answer within {timeout:.0f}s ({last})")
             time.sleep(0.1)  # the socket appears once QEMU has parsed its options

@@ -215,9 +215,6 @@ def test_partitioned_vip_holder_drops_it_and_another_takes_it(formed: ClusterVMs
     assert len(vip_holders(formed)) == 1
 
 
-# Issue 18 wants it in ./forge test; it failed in both runs of stop 23 (see the note) and is kept
-# out of CI's run until it passes again.
-@pytest.mark.all_only
 def test_fault_1_power_off_the_slurm_controller(formed: ClusterVMs) -> None:
     """`verify --faults`'s first fault, on the shared cluster: the core node running slurmctld is
     powered off with a batch job running elsewhere; etcd keeps quorum, the VIP is on one live
