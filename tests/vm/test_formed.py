@@ -221,8 +221,8 @@ def test_fault_1_power_off_the_slurm_controller(formed: ClusterVMs) -> None:
     core node, Ceph reads and writes, another controller takes over, the job completes and a new
     one runs; the node is started again and the cluster is fully healthy with no action."""
     result = faults.fault_power_off(formed, Probe(formed))
-    figure(f"SLURM controller failover: {result.extra['failover_seconds']}s; fully healthy again "
-          f"{result.extra['recovery_seconds']}s after powering off {result.extra['node']}")
+    figure(f"fault 1: SLURM controller failover {result.extra['failover_seconds']}s; {result.extra['node']} off "
+           f"{result.extra['off_seconds']}s, fully healthy {result.extra['recovery_seconds']}s after its power-on")
     assert result.status == "pass", result.reason
 
 
