@@ -13,7 +13,7 @@
 4. List every file to publish with its sha256 (the manifest), and send each core node only
    the files that differ from its manifest, its cluster.json when the core seed (which lists
    every node) changed, and the CA's CRL when it is not the node's, as one tar over the SSH
-   connection (pxepublish.receive).
+   connection (pxepublish.receive), to every core node at once.
 
 The decisions (refusals(), decide()) are pure functions of what the nodes said and what was
 rendered; the rest is I/O.
@@ -28,6 +28,7 @@ import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -374,13 +375,17 @@ def publish(cluster: Cluster, paths: Paths, removing: frozenset[str] = frozenset
     core_seed = (rendered / "inventory.json").read_text()  # a core node's cluster.json is the same file
     crl = (paths.cluster_state(cluster.name) / revocation.CRL_FILE).read_text()  # made by the render
 
-    lines = []
-    for name, (target, remote) in remotes.items():
-        change = decide(manifest, core_seed, remote, cluster.name, crl)
-        if not change.empty:
+    changes = {name: decide(manifest, core_seed, remote, cluster.name, crl) for name, (_, remote) in remotes.items()}
+    sending = {name: change for name, change in changes.items() if not change.empty}
+    # Every core node at once: each takes the files in at the pace of its own network, CPU and disk.
+    with ThreadPoolExecutor(max_workers=max(1, len(sending))) as pool:
+        for name in sending:
             info(f"{name}: sending ...")
-            send(target, cluster.name, manifest, change, files, core_seed, crl)
-        lines.append(f"{name}: {describe(change, manifest)}")
+        sent = [pool.submit(send, remotes[name][0], cluster.name, manifest, change, files, core_seed, crl)
+                for name, change in sending.items()]
+    for future in sent:
+        future.result()  # the first failure, naming its node; the others were sent all the same
+    lines = [f"{name}: {describe(change, manifest)}" for name, change in changes.items()]
     if all(line.endswith(": up to date") for line in lines):
         lines = [f"nothing changed, nothing sent ({', '.join(remotes)} up to date)"]
     if cluster.network.pxe == PxeMode.OFF:
