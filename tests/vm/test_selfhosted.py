@@ -76,13 +76,19 @@ def test_the_cluster_serves_its_own_pxe(formed: ClusterVMs, grown: Path, rundir:
 
     # Refused, nothing changed: another subnet; a running node renamed; a core node more.
     manifest = sh(formed, cores[0], "sha256sum /var/lib/clusterforge/pxe/manifest.json /etc/clusterforge/cluster.json")
-    for change, reason in ((("subnet: 10.0.0.0/24", "subnet: 10.0.0.0/23"), "another subnet"),
-                           (('mac: "52:54:00:00:00:12"', 'mac: "52:54:00:00:00:12"\n    name: t2'), "runs as s2"),
-                           ((f'mac: "{NEW}"\n    roles: [compute]',  # five core nodes: etcd takes an odd number
-                             f'mac: "{NEW}"\n    roles: [core]\n  - mac: "52:54:00:00:00:52"\n    roles: [core]'),
-                            "the core nodes change")):
+    # (A wider subnet takes a wider overlay too: the inventory itself refuses a smaller one.)
+    for changes, reason in (((("subnet: 10.0.0.0/24", "subnet: 10.0.0.0/23"),
+                              ("overlay: 10.99.0.0/24", "overlay: 10.99.0.0/23")), "another subnet"),
+                            ((('mac: "52:54:00:00:00:12"', 'mac: "52:54:00:00:00:12"\n    name: t2'),), "runs as s2"),
+                            (((f'mac: "{NEW}"\n    roles: [compute]',  # five core nodes: etcd takes an odd number
+                               f'mac: "{NEW}"\n    roles: [core]\n  - mac: "52:54:00:00:00:52"\n    roles: [core]'),),
+                             "the core nodes change")):
         refused = grown.with_name(f"refused-{reason.split()[-1]}.yaml")
-        refused.write_text(grown.read_text().replace(*change))
+        text = grown.read_text()
+        for change in changes:
+            assert change[0] in text, change
+            text = text.replace(*change)
+        refused.write_text(text)
         proc = forge("cluster.publish", *args(refused), check=False, timeout=600)
         assert proc.returncode == 1 and reason in proc.stderr and "nothing was rendered or sent" in proc.stderr, \
             proc.stderr
