@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import tempfile
@@ -22,6 +23,14 @@ MUX_ALIVE = ("-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=6")
 SSH_FAILED = 255  # ssh's own exit code: it never reached the command
 
 
+@functools.cache
+def mux_folder() -> Path:
+    """Where the shared connections' sockets live: private to this user, made once per process."""
+    folder = Path(tempfile.gettempdir()) / f"clusterforge-ssh-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
+
+
 @dataclass(frozen=True)
 class Target:
     host: str
@@ -38,9 +47,7 @@ class Target:
 
     def mux_options(self) -> tuple[str, ...]:
         # Sockets named by network namespace too: two QEMU clusters may use the same addresses.
-        folder = Path(tempfile.gettempdir()) / f"clusterforge-ssh-{os.getuid()}"
-        folder.mkdir(mode=0o700, exist_ok=True)
-        path = folder / f"{self.netns or 'direct'}-%C"
+        path = mux_folder() / f"{self.netns or 'direct'}-%C"
         return ("-o", "ControlMaster=auto", "-o", f"ControlPath={path}", "-o", f"ControlPersist={MUX_PERSIST}",
                 *MUX_ALIVE)
 
@@ -51,8 +58,8 @@ class Target:
     def wait(self, timeout: float, command: str = "true",
              command_timeout: float = 15) -> subprocess.CompletedProcess[str]:
         """Run command once the node accepts our key, or TimeoutError. Only ssh's own failures
-        (exit 255: refused, no route, a banner that did not come) are tried again; a failing
-        command raises at once."""
+        (exit 255: refused, no route, a banner that did not come) and a try that timed out are
+        tried again; a failing command raises at once."""
         deadline = time.monotonic() + timeout
         last = ""
         while time.monotonic() < deadline:

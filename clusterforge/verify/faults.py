@@ -130,7 +130,8 @@ def fault_power_off(vms: ClusterVMs, p: Probe) -> Result:
 
 def fault_partition(vms: ClusterVMs, p: Probe) -> Result:
     nodes = core(vms)
-    victim = vms.cluster.node(vip_holders(vms, p, nodes)[0]) if vip_holders(vms, p, nodes) else nodes[0]
+    holders = vip_holders(vms, p, nodes)
+    victim = vms.cluster.node(holders[0]) if holders else nodes[0]
     live = [n for n in nodes if n != victim]
     machine = vms.machine(victim).attach()
     try:
