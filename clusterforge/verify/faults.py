@@ -72,9 +72,33 @@ def settled_controller(vms: ClusterVMs, p: Probe, nodes: list[Node]) -> str:
     return until("a SLURM controller elected and answering", answering, seconds=600)
 
 
+FINAL_JOB_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL", "DEADLINE",
+                    "OUT_OF_MEMORY", "PREEMPTED"}
+
+
+def job_state(record: str) -> str:
+    """ "JobId=3 ... JobState=COMPLETED Reason=None ..." -> "COMPLETED"; "" when not there."""
+    return next((field.removeprefix("JobState=") for field in record.split() if field.startswith("JobState=")), "")
+
+
+def job_ended(p: Probe, asker: Node, job: str, seconds: float) -> str:
+    """The job's record once it ended (kept by the controller MinJobAge, 300 s, after that); Failed
+    with its last record when it has not within seconds."""
+    seen = [""]
+
+    def ended() -> str:
+        seen[0] = p.sh(asker, f"scontrol -o show job {job}", check=False).strip()
+        return seen[0] if job_state(seen[0]) in FINAL_JOB_STATES else ""
+    try:
+        return until(f"job {job} ended", ended, seconds=seconds)
+    except Failed as exc:
+        raise Failed(exc.reason, seen[0]) from None
+
+
 def power_off(vms: ClusterVMs, p: Probe) -> tuple[Node, float, float]:
     """The SLURM controller's node powered off and what must go on without it checked: the node,
-    the seconds until another controller answered, and when the power went (time.monotonic())."""
+    the seconds until another controller answered, and when the power went (time.monotonic()).
+    Should a check fail, the node is started again before the failure is raised."""
     nodes = core(vms)
     victim_name = settled_controller(vms, p, nodes) or nodes[0].name
     victim = vms.cluster.node(victim_name)
@@ -93,11 +117,29 @@ def power_off(vms: ClusterVMs, p: Probe) -> tuple[Node, float, float]:
                                                               check=False).strip() or 0) > since, seconds=120, every=2)
     vms.kill(victim.name)
     off = time.monotonic()
-    failover = 0.0
+    try:
+        failover = without(vms, p, victim, live, job) - off
+    except BaseException:
+        vms.start(victim.name)  # the checks after this one need every node
+        raise
+    return victim, failover, off
+
+
+def without(vms: ClusterVMs, p: Probe, victim: Node, live: list[Node], job: str) -> float:
+    """What must go on while victim is off, checked; when (time.monotonic()) another SLURM
+    controller answered (now, without SLURM)."""
+    asker = live[0]
+    failover = time.monotonic()
     if vms.cluster.services.slurm:
         until("another SLURM controller answering", lambda: "UP" in p.sh(asker, "scontrol ping", check=False),
               seconds=300, every=1)
-        failover = time.monotonic() - off
+        failover = time.monotonic()
+        # The job outlives its controller: it ends COMPLETED under the new one (looked at now,
+        # before its record ages out of the controller).
+        record = job_ended(p, asker, job, seconds=300)
+        if job_state(record) != "COMPLETED":
+            raise Failed(f"job {job}, running when its controller's node lost power, ended "
+                         f"{job_state(record)}, not COMPLETED", record)
     put = f"etcdctl --command-timeout={ETCD_COMMAND_TIMEOUT}s put /clusterforge/fault-check {int(time.time())}"
     until("an etcd write on the live side (quorum kept)", lambda: "OK" in p.sh(asker, put, check=False), seconds=120)
     until("the VIP on exactly one live core node", lambda: len(vip_holders(vms, p, live)) == 1)
@@ -107,12 +149,10 @@ def power_off(vms: ClusterVMs, p: Probe) -> tuple[Node, float, float]:
                     "dd if=$dev of=/dev/null bs=1M count=16 iflag=direct status=none && rbd unmap $dev && "
                     "rbd rm rbd/fault-check", timeout=600)
     if vms.cluster.services.slurm:
-        until(f"job {job} completed", lambda: "JobState=COMPLETED" in p.sh(asker, f"scontrol show job {job}",
-                                                                          check=False), seconds=600)
         compute = [n.name for n in vms.cluster.with_role(Role.COMPUTE) if n != victim]
         if compute:
             p.sh(asker, f"srun -N1 -w {compute[0]} hostname", timeout=300)  # and a new job runs
-    return victim, failover, off
+    return failover
 
 
 def fault_power_off(vms: ClusterVMs, p: Probe) -> Result:

@@ -25,6 +25,7 @@ from clusterforge.node.agent.context import Ctx
 from clusterforge.node.agent.core import State, StepFailed, Wait
 from clusterforge.node.agent.host import Unit
 from clusterforge.node.seed import Role, Service
+from clusterforge.verify import faults
 
 from .conftest import DATA, EXAMPLE
 from .seeds import seeds_on_disk
@@ -264,6 +265,9 @@ def test_what_slurm_says_parsed() -> None:
     assert slurmconf.parse_ping("Slurmctld(primary) at s1 is DOWN\n") == ""
     assert slurmconf.parse_nodes("s1 idle\nc1 down*\n\n") == {"s1": "idle", "c1": "down*"}
     assert slurmconf.summary({"s1": "idle", "s2": "idle", "c1": "mixed"}) == "2 idle, 1 mixed"
+    record = "JobId=3 JobName=wrap UserId=root(0) GroupId=root(0) JobState=NODE_FAIL Reason=None ExitCode=0:0"
+    assert faults.job_state(record) == "NODE_FAIL" and "NODE_FAIL" in faults.FINAL_JOB_STATES
+    assert faults.job_state("slurm_load_jobs error: Invalid job id specified") == ""
 
 
 # ---------------------------------------------------------------- the controller
