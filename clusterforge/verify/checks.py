@@ -183,9 +183,12 @@ def mesh(vms: ClusterVMs, p: Probe) -> str:
     return f"{len(nodes)} nodes, every pair answers over the overlay"
 
 
-def vip_holders(vms: ClusterVMs, p: Probe) -> list[str]:
+def vip_holders(vms: ClusterVMs, p: Probe, among: list[Node] | None = None, check: bool = True) -> list[str]:
+    """The core nodes (or those among) holding the VIP; check=False counts one that cannot be
+    asked (a node a fault took down) as not holding it."""
     vip = str(vms.cluster.network.vip)
-    return [n.name for n in core(vms) if f" {vip}/" in p.sh(n, "ip -4 -o addr show")]
+    return [n.name for n in (core(vms) if among is None else among)
+            if f" {vip}/" in p.sh(n, "ip -4 -o addr show", check=check)]
 
 
 @check("vip: on exactly one core node, answering", "vip", settles=SETTLE_SECONDS)

@@ -23,7 +23,7 @@ from typing import TypeVar
 from ..inventory import Node, Role
 from ..node.agent.slurmconf import parse_ping
 from ..vm.cluster import ClusterVMs
-from .checks import ETCD_COMMAND_TIMEOUT, Failed, Probe, Result, core
+from .checks import ETCD_COMMAND_TIMEOUT, Failed, Probe, Result, core, vip_holders
 from .run import formation_timeout, wait_formed
 
 RECOVERY_LIMIT = 900.0  # seconds to fully healthy once a fault is undone, under TCG (a power-cycle: a formation's)
@@ -46,11 +46,6 @@ def until(what: str, probe: Callable[[], T | None], seconds: float = 300, every:
 
 def controller(vms: ClusterVMs, p: Probe, asked: Node) -> str:
     return p.sh(asked, "etcdctl get /clusterforge/leader/slurmctld --print-value-only", check=False).strip()
-
-
-def vip_holders(vms: ClusterVMs, p: Probe, among: list[Node]) -> list[str]:
-    vip = str(vms.cluster.network.vip)
-    return [n.name for n in among if f" {vip}/" in p.sh(n, "ip -4 -o addr show", check=False)]
 
 
 def recover(vms: ClusterVMs, since: float, limit: float = RECOVERY_LIMIT) -> float:
@@ -142,7 +137,7 @@ def without(vms: ClusterVMs, p: Probe, victim: Node, live: list[Node], job: str)
                          f"{job_state(record)}, not COMPLETED", record)
     put = f"etcdctl --command-timeout={ETCD_COMMAND_TIMEOUT}s put /clusterforge/fault-check {int(time.time())}"
     until("an etcd write on the live side (quorum kept)", lambda: "OK" in p.sh(asker, put, check=False), seconds=120)
-    until("the VIP on exactly one live core node", lambda: len(vip_holders(vms, p, live)) == 1)
+    until("the VIP on exactly one live core node", lambda: len(vip_holders(vms, p, live, check=False)) == 1)
     if vms.cluster.services.ceph:
         p.sh(asker, "rbd create rbd/fault-check --size 64 && dev=$(rbd map rbd/fault-check) && "
                     "dd if=/dev/urandom of=$dev bs=1M count=16 oflag=direct status=none && "
@@ -170,13 +165,13 @@ def fault_power_off(vms: ClusterVMs, p: Probe) -> Result:
 
 def fault_partition(vms: ClusterVMs, p: Probe) -> Result:
     nodes = core(vms)
-    holders = vip_holders(vms, p, nodes)
+    holders = vip_holders(vms, p, nodes, check=False)
     victim = vms.cluster.node(holders[0]) if holders else nodes[0]
     live = [n for n in nodes if n != victim]
     machine = vms.machine(victim).attach()
     try:
         machine.set_link(False)
-        until("one VIP holder among the others", lambda: len(vip_holders(vms, p, live)) == 1)
+        until("one VIP holder among the others", lambda: len(vip_holders(vms, p, live, check=False)) == 1)
         guest = machine.guest
         until(f"{victim.name} drops the VIP", lambda: f" {vms.cluster.network.vip}/" not in guest.run(
             ["ip", "-4", "-o", "addr", "show"]).stdout)
