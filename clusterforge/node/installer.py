@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import fcntl
 import gzip
+import http.client
+import io
 import json
 import os
+import re
 import stat
 import struct
 import sys
@@ -37,6 +40,9 @@ from .seed import NOCLOUD_FILES
 MEDIUM = Path("/run/live/medium")  # where live-boot mounts the ISO or USB stick
 MIN_DISK = 4 * 1024**3
 CHUNK = 4 * 1024**2
+RESUME_ATTEMPTS = 20  # a broken image download picked up again this often (each after the server is back)
+RESUME_PAUSE = 3.0  # seconds before picking it up: a moving address settles on its new node
+CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+)")
 
 
 class InstallError(Exception):
@@ -70,9 +76,13 @@ def local_macs() -> list[str]:
 def _open(location: str, attempts: int = 30) -> IO[bytes]:
     if not location.startswith(("http://", "https://")):
         return open(location, "rb")
+    return _fetch(urllib.request.Request(location), attempts)
+
+
+def _fetch(request: urllib.request.Request, attempts: int = 30) -> IO[bytes]:
     for attempt in range(attempts):
         try:
-            return urllib.request.urlopen(location, timeout=60)  # noqa: S310 - the boot server's URL
+            return urllib.request.urlopen(request, timeout=60)  # type: ignore[no-any-return]  # noqa: S310 - the boot server's URL
         except urllib.error.HTTPError:
             raise  # the server answered: retrying will not change its mind
         except OSError:
@@ -80,6 +90,80 @@ def _open(location: str, attempts: int = 30) -> IO[bytes]:
                 raise
             time.sleep(2)  # the network may still be coming up after the switch to the live root
     raise AssertionError("unreachable")
+
+
+class Download:
+    """A file over HTTP, read from start to end. A connection that breaks (the address served
+    from moved to another core node, a server restarted) is opened again from where it broke,
+    with a Range request: the image is not fetched again from its start. What the pieces make
+    is checked by gzip's CRC at the end of the image."""
+
+    def __init__(self, url: str, attempts: int = RESUME_ATTEMPTS):
+        self.url = url
+        self.attempts = attempts
+        self.at = 0
+        self.response: IO[bytes] | None = _open(url)
+        self.size = _length(self.response)
+
+    def read(self, size: int = -1) -> bytes:
+        for attempt in range(self.attempts + 1):
+            try:
+                if self.response is None:
+                    self.response = self._reopen()
+                data = self.response.read(size)
+                if not data and self.size is not None and self.at < self.size:
+                    raise ConnectionError(f"the server ended the file at byte {self.at} of {self.size}")
+                self.at += len(data)
+                return data
+            except (OSError, http.client.HTTPException) as exc:
+                if isinstance(exc, urllib.error.HTTPError) or attempt == self.attempts:
+                    raise
+                say(f"the download of {self.url} broke at {self.at // 2**20} MiB ({exc}); going on from there")
+                self.close()
+                time.sleep(RESUME_PAUSE)
+        raise AssertionError("unreachable")
+
+    def seek(self, offset: int) -> int:
+        raise io.UnsupportedOperation("a download is read from start to end")
+
+    def _reopen(self) -> IO[bytes]:
+        response = _fetch(urllib.request.Request(self.url, headers={"Range": f"bytes={self.at}-"}))
+        status = getattr(response, "status", 200)
+        if status == 206:
+            sent = CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))  # type: ignore[attr-defined]
+            if sent is None or int(sent[1]) != self.at or (self.size is not None and int(sent[2]) != self.size):
+                response.close()
+                raise InstallError(f"{self.url} changed while it was read (the server sent "
+                                   f"{response.headers.get('Content-Range')!r} for byte {self.at} on)")  # type: ignore[attr-defined]
+            return response
+        # The server sends the whole file: skip what was read already.
+        if _length(response) != self.size:
+            response.close()
+            raise InstallError(f"{self.url} changed while it was read (now {_length(response)} bytes, "
+                               f"was {self.size})")
+        left = self.at
+        while left:
+            skipped = response.read(min(left, CHUNK))
+            if not skipped:
+                raise ConnectionError("the server ended the file before where the download broke")
+            left -= len(skipped)
+        return response
+
+    def close(self) -> None:
+        if self.response is not None:
+            self.response.close()
+            self.response = None
+
+    def __enter__(self) -> Download:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _length(response: IO[bytes]) -> int | None:
+    length = getattr(response, "headers", {}).get("Content-Length")
+    return int(length) if length and length.isdigit() else None
 
 
 def read_seed(location: str) -> dict[str, bytes] | None:
@@ -120,6 +204,10 @@ def node_info(user_data: bytes) -> NodeInfo:
     return NodeInfo(seed.cluster.name, seed.me.name, [d.path for d in seed.me.disks])
 
 
+def _source(location: str) -> IO[bytes] | Download:
+    return Download(location) if location.startswith(("http://", "https://")) else open(location, "rb")
+
+
 def copy_image(source: str, target: str) -> int:
     """Stream the gzip-compressed raw image onto the target disk; returns bytes written.
 
@@ -129,7 +217,7 @@ def copy_image(source: str, target: str) -> int:
     """
     written = 0
     last_report = time.monotonic()
-    with _open(source) as raw, gzip.open(raw) as image, open(target, "r+b", buffering=0) as disk:
+    with _source(source) as raw, gzip.open(raw) as image, open(target, "r+b", buffering=0) as disk:
         fd = disk.fileno()
         block_device = stat.S_ISBLK(os.fstat(fd).st_mode)
         while chunk := image.read(CHUNK):

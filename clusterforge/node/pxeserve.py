@@ -24,6 +24,7 @@ import datetime
 import functools
 import http.server
 import io
+import os
 import re
 import shutil
 import sys
@@ -56,6 +57,7 @@ exit
 CHUNK = 1024 * 1024
 MAX_QUERY = 1024  # a discovery report is a few hundred bytes
 MAX_SHOWN = 120  # characters of a request's path in the log
+RANGE = re.compile(r"bytes=(\d{1,18})-")  # the one form of Range served: from a byte to the end
 MAC_HYPHEN = re.compile(r"[0-9a-f]{2}(?:-[0-9a-f]{2}){5}")
 
 # ---------------------------------------------------------------- discovery reports
@@ -271,26 +273,46 @@ def make_handler(served: Callable[[], Served | None], installed: InstalledStore,
             except OSError:  # replaced or removed between the check and now
                 return self.reply(404, b"not found\n", "text/plain", head)
             with f:
-                self.send_stream(path.stat().st_size, f, head, path.suffix in (".ipxe", ".efi"))
+                size = os.fstat(f.fileno()).st_size
+                start = self.range_start(size)
+                if start is None:
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return log(f"{self.who()}: {self.shown()}: range past its end -> 416")
+                self.send_stream(size, f, head, path.suffix in (".ipxe", ".efi"), start)
 
-        def send_stream(self, size: int, f: IO[bytes], head: bool, noted: bool = False) -> None:
-            self.send_response(200)
+        def range_start(self, size: int) -> int | None:
+            """Where to start, from a "Range: bytes=N-" header (an installer picking up a broken
+            download); None: past the end. Other forms of Range get the whole file."""
+            asked = RANGE.fullmatch(self.headers.get("Range", "").strip())
+            if asked is None or int(asked[1]) == 0:
+                return 0
+            return int(asked[1]) if int(asked[1]) < size else None
+
+        def send_stream(self, size: int, f: IO[bytes], head: bool, noted: bool = False, start: int = 0) -> None:
+            """size bytes of f (a file's from start on: 206 and Content-Range when start > 0)."""
+            self.send_response(206 if start else 200)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(size))
+            self.send_header("Content-Length", str(size - start))
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
             self.end_headers()
             if head:
                 return
             try:
                 self.wfile.flush()
                 if isinstance(getattr(f, "raw", None), io.FileIO):
-                    self.connection.sendfile(f)  # sendfile(2): the kernel copies, not Python
+                    self.connection.sendfile(f, offset=start)  # sendfile(2): the kernel copies, not Python
                 else:  # a file inside a tarball
                     shutil.copyfileobj(f, self.wfile, CHUNK)
             except (BrokenPipeError, ConnectionResetError):
                 log(f"{self.who()}: {self.shown()} interrupted")
                 return
             if size > CHUNK or noted:
-                log(f"{self.who()}: sent {self.shown()} ({size / 2**20:.1f} MiB)")
+                part = f" from {start / 2**20:.1f} MiB on" if start else ""
+                log(f"{self.who()}: sent {self.shown()}{part} ({(size - start) / 2**20:.1f} MiB)")
 
     return Handler
 

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import gzip
+import random
+import socket
 import threading
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import IO
 
 import pytest
 
 from clusterforge import inventory
 from clusterforge.log import UserError
+from clusterforge.node import installer
 from clusterforge.pxe.discovery import Discoveries
 from clusterforge.pxe.http import LOCAL_BOOT, HttpServer, Installed, make_handler
 from clusterforge.pxe.server import check_artifacts, interface_address
@@ -236,3 +244,94 @@ def test_request_paths_are_escaped_in_the_log(served: tuple[str, list[str]]) -> 
     assert reply.startswith(b"HTTP/1.1 404")
     line = next(line for line in log if "-> 404" in line)
     assert "\\x1b[2J\\x07" in line and "\x1b" not in line and len(line) < 200
+
+
+# ---------------------------------------------------------------- a broken image download
+
+@pytest.fixture
+def image_site(example: inventory.Cluster, rendered: Path, state: Path,
+               tmp_path: Path) -> tuple[type[BaseHTTPRequestHandler], Path, bytes, list[str]]:
+    """The PXE server's handler with an image to serve: (handler, the image's path, what it
+    unpacks to, the server's log)."""
+    payload = random.Random(7).randbytes(3 * 2**20) + bytes(2 * 2**20)
+    image = tmp_path / "images" / "image.raw.gz"
+    image.parent.mkdir()
+    image.write_bytes(gzip.compress(payload))
+    log: list[str] = []
+    handler = make_handler(example, rendered, image.parent, Discoveries(state / "lab", example),
+                           Installed(state / "lab"), log.append, seeds_by_address=False)
+    return handler, image, payload, log
+
+
+def breaking(handler: type[BaseHTTPRequestHandler], breaks: int, then: Callable[[], None] = lambda: None,
+             ranges: bool = True) -> type[BaseHTTPRequestHandler]:
+    """The handler, but its first `breaks` answers with a file stop halfway (the address served
+    from moved to another node), calling then(); ranges=False: a server that ignores Range."""
+    left = [breaks]
+
+    class Breaking(handler):  # type: ignore[misc, valid-type]
+        def send_stream(self, size: int, f: IO[bytes], head: bool, noted: bool = False, start: int = 0) -> None:
+            if not left[0]:
+                return super().send_stream(size, f, head, noted, start)  # type: ignore[no-any-return]
+            left[0] -= 1
+            self.send_response(206 if start else 200)
+            self.send_header("Content-Length", str(size - start))
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+            self.end_headers()
+            f.seek(start)
+            self.wfile.write(f.read((size - start) // 2))
+            self.wfile.flush()
+            then()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+
+        def range_start(self, size: int) -> int | None:
+            return super().range_start(size) if ranges else 0  # type: ignore[no-any-return]
+    return Breaking
+
+
+def test_the_image_is_served_from_a_byte_on(image_site: tuple[type[BaseHTTPRequestHandler], Path, bytes, list[str]]
+                                            ) -> None:
+    handler, image, _, _ = image_site
+    data = image.read_bytes()
+    with serving(handler) as base:
+        url = f"{base}/images/image.raw.gz"
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"Range": "bytes=1000-"}), timeout=10) as r:
+            assert (r.status, r.headers["Content-Range"], r.read()) == (
+                206, f"bytes 1000-{len(data) - 1}/{len(data)}", data[1000:])
+        past = urllib.request.Request(url, headers={"Range": f"bytes={len(data)}-"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(past, timeout=10)
+        assert refused.value.code == 416
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"Range": "bytes=0-9"}), timeout=10) as r:
+            assert (r.status, r.read()) == (200, data)  # a form not served: the whole file
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["from where it broke", "server ignores Range"])
+def test_a_broken_image_download_goes_on(image_site: tuple[type[BaseHTTPRequestHandler], Path, bytes, list[str]],
+                                         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str], ranges: bool) -> None:
+    handler, _, payload, log = image_site
+    monkeypatch.setattr(installer, "RESUME_PAUSE", 0.0)
+    disk = tmp_path / "disk"
+    disk.write_bytes(b"\xff" * len(payload))
+    with serving(breaking(handler, 2, ranges=ranges)) as base:
+        assert installer.copy_image(f"{base}/images/image.raw.gz", str(disk)) == len(payload)
+    assert disk.read_bytes() == payload
+    assert capsys.readouterr().out.count("going on from there") == 2
+    assert any(" MiB on (" in line for line in log) == ranges
+
+
+def test_an_image_changed_under_a_broken_download_is_refused(
+        image_site: tuple[type[BaseHTTPRequestHandler], Path, bytes, list[str]], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    handler, image, payload, _ = image_site
+    monkeypatch.setattr(installer, "RESUME_PAUSE", 0.0)
+    disk = tmp_path / "disk"
+    disk.write_bytes(bytes(len(payload)))
+
+    def republish() -> None:
+        image.write_bytes(gzip.compress(payload + b"more"))
+    with serving(breaking(handler, 1, then=republish)) as base, pytest.raises(installer.InstallError, match="changed"):
+        installer.copy_image(f"{base}/images/image.raw.gz", str(disk))
