@@ -150,6 +150,11 @@ def s4_osd(vms: ClusterVMs) -> int:
 
 @pytest.mark.all_only
 def test_a_dead_core_node_is_replaced(formed: ClusterVMs) -> None:
+    # The cluster as the formed inventory has it: c1, published by a test before this one that
+    # failed before removing it, is taken out first (the replacement refuses an inventory
+    # without a node the cluster runs, rightly).
+    if NEW in json.loads((Paths.resolve().cluster_state("vmlab") / "nodes.json").read_text())["nodes"]:
+        forge(*on_formed("cluster.remove", "c1"), timeout=3600)
     forge(*on_formed("cluster.kill", "s2"))
     replaced = forge(*on_formed("cluster.replace", "s2", "--mac", REPLACEMENT_MAC), timeout=3600)
     print(replaced.stdout)
