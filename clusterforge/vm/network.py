@@ -80,6 +80,12 @@ class ClusterNet:
         if f" {address}/" not in have:
             self._ip("addr", "add", f"{address}/{self.subnet.prefixlen}", "dev", self.bridge)
 
+    def http_get(self, url: str, timeout: float) -> str | None:
+        """The body at url, fetched from inside the namespace; None if nothing answers with 2xx."""
+        proc = run(["ip", "netns", "exec", self.netns, "curl", "-sf", "-m", f"{timeout:.0f}", url],
+                   check=False, timeout=timeout + 10)
+        return proc.stdout if proc.returncode == 0 else None
+
     def netdev(self, node: str) -> str:
         return f"tap,ifname={self.tap(node)},script=no,downscript=no"
 
