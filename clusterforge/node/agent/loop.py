@@ -101,6 +101,8 @@ def main() -> int:
         publisher = record.Publisher(ctx)
         keeper = threading.Thread(target=keep, args=(ctx, publisher), daemon=True, name="keeper")
         keeper.start()
+        if ctx.core:
+            threading.Thread(target=vip.watch_majority, args=(ctx,), daemon=True, name="majority").start()
         latest: dict[str, Any] = {}
         try:
             health.serve(ctx, latest)
