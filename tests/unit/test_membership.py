@@ -179,6 +179,10 @@ def test_a_snapshot_every_hour_the_newest_in_rbd(core_ctx: Ctx) -> None:
     copied = backup.Facts(fresh.snapshots, fresh.snapshots[-1].name, "", now)
     assert backup.plan(core_ctx, copied) == []
     assert "in RBD too" in backup.health(core_ctx, copied).reason
+    # Its reason names when it was taken and stays the same as the minutes pass (no log line a minute).
+    later = backup.Facts(copied.snapshots, copied.in_rbd, "", now + 300)
+    assert backup.health(core_ctx, later) == backup.health(core_ctx, copied)
+    assert "taken 2027-01-15 07:50 UTC" in backup.health(core_ctx, copied).reason
     waiting = backup.Facts(fresh.snapshots, "", "the rbd pool is not ready (0 of 32 placement groups active)", now)
     assert backup.plan(core_ctx, waiting) == []  # no copy while Ceph could not take it
     assert "not in RBD yet: the rbd pool is not ready" in backup.health(core_ctx, waiting).reason

@@ -133,6 +133,8 @@ def to_rbd(ctx: Ctx, snapshot: str) -> None:
 def health(ctx: Ctx, f: Facts) -> Status:
     newest = f.snapshots[-1]
     where = "; in RBD too" if f.in_rbd == newest.name else f"; not in RBD yet: {f.rbd}" if f.rbd != "off" else ""
-    return Status(State.OK, f"etcd snapshot {(f.now - newest.at) / 60:.0f} min ago ({newest.size // 1024} KiB, "
+    # The time it was taken, not its age: a reason that changed every minute logged a line a minute.
+    taken = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(newest.at))
+    return Status(State.OK, f"etcd snapshot taken {taken} ({newest.size // 1024} KiB, "
                             f"{len(f.snapshots)} kept){where}",
                   detail={"newest": newest.name, "in_rbd": f.in_rbd})
