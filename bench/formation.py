@@ -1,6 +1,7 @@
 """Formation of the example cluster under QEMU, from one run: one node booted alone to
 multi-user; the three-node cluster from power-on to all healthy (check-cluster OK); their
-ratio (goal at most 2.5); each service's time to healthy; the agent's CPU seconds per node.
+ratio (goal at most 2.5); each service's time to healthy; the agent's CPU seconds per node, and
+where each node's CPU went (the busiest units, their commands included).
 
 Run: .venv/bin/python bench/formation.py   (needs ./forge image; root for the cluster network)
 """
@@ -27,6 +28,23 @@ def agent_cpu(vms: ClusterVMs) -> dict[str, float]:
         out = vms.ssh(node).run("systemctl show clusterforge-agent -p CPUUsageNSec --value").stdout
         seconds[node.name] = int(out.strip()) / 1e9
     return seconds
+
+
+# Each unit's and login session's CPU from cgroup v2, children included (keepalived's check
+# scripts count as keepalived's; commands run over SSH as user.slice's).
+UNIT_CPU = ("for d in /sys/fs/cgroup/system.slice/*/ /sys/fs/cgroup/system.slice/*/*/ /sys/fs/cgroup/user.slice/; "
+            "do u=$(sed -n 's/^usage_usec //p' $d/cpu.stat 2>/dev/null) && echo \"$u $(basename $d)\"; done")
+
+
+def unit_cpu(vms: ClusterVMs, top: int = 8) -> dict[str, list[tuple[str, float]]]:
+    """Per node, the busiest units since power-on: (unit, CPU seconds), busiest first."""
+    busiest = {}
+    for node in vms.cluster.nodes:
+        rows = [line.split(" ", 1) for line in vms.ssh(node).run(UNIT_CPU).stdout.splitlines()]
+        units = sorted(((name, int(usec) / 1e6) for usec, name in rows
+                        if name == "user.slice" or not name.endswith(".slice")), key=lambda r: -r[1])
+        busiest[node.name] = units[:top]
+    return busiest
 
 
 def main() -> None:
@@ -57,6 +75,9 @@ def main() -> None:
             cpu = agent_cpu(vms)
             print("agent CPU seconds per node (with the commands it ran), from power-on to now: "
                   + ", ".join(f"{n} {s:.1f}" for n, s in cpu.items()))
+            print("where each node's CPU went, power-on to now (CPU seconds):")
+            for name, units in unit_cpu(vms).items():
+                print(f"  {name}: " + ", ".join(f"{unit} {seconds:.0f}" for unit, seconds in units))
         finally:
             vms.down(timeout=60)
 
