@@ -101,9 +101,13 @@ def read_majority(client: EtcdClient, stamp: Path = MAJORITY) -> bool:
 
 def watch_majority(ctx: Ctx) -> None:
     """The agent's thread on a core node: read_majority from its own member, for ever."""
-    client = EtcdClient(ctx.etcd_endpoints()[:1], ctx.tls, timeout=READ_EVERY * 3)
+    client: EtcdClient | None = None
     while True:
-        read_majority(client)
+        try:
+            client = client or EtcdClient(ctx.etcd_endpoints()[:1], ctx.tls, timeout=READ_EVERY * 3)
+            read_majority(client)
+        except EtcdError:
+            pass  # its TLS files cannot be read: no stamp (the etcd service says why), and again
         time.sleep(READ_EVERY)  # the pace keepalived's check is read at
 
 
