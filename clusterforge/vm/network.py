@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from ..run import run
+from ..run import CommandError, run
 
 
 def free_port() -> int:
@@ -82,8 +82,11 @@ class ClusterNet:
 
     def http_get(self, url: str, timeout: float) -> str | None:
         """The body at url, fetched from inside the namespace; None if nothing answers with 2xx."""
-        proc = run(["ip", "netns", "exec", self.netns, "curl", "-sf", "-m", f"{timeout:.0f}", url],
-                   check=False, timeout=timeout + 10)
+        try:
+            proc = run(["ip", "netns", "exec", self.netns, "curl", "-sf", "-m", f"{timeout:.0f}", url],
+                       check=False, timeout=timeout + 10)
+        except CommandError:  # hung past curl's own limit: no answer either
+            return None
         return proc.stdout if proc.returncode == 0 else None
 
     def netdev(self, node: str) -> str:
