@@ -28,6 +28,7 @@ from .run import formation_timeout, wait_formed
 
 RECOVERY_LIMIT = 900.0  # seconds to fully healthy once a fault is undone, under TCG (a power-cycle: a formation's)
 PAUSE_SECONDS = 60
+GO_FILE = "/root/fault-job.go"  # fault 1's job runs until this file is on its node
 STEP = 5.0
 T = TypeVar("T")
 
@@ -71,9 +72,19 @@ FINAL_JOB_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", 
                     "OUT_OF_MEMORY", "PREEMPTED"}
 
 
+def field(record: str, name: str) -> str:
+    """ "JobId=3 ... JobState=COMPLETED BatchHost=s1 ..." -> its name=value's value; "" when not there."""
+    return next((word.removeprefix(f"{name}=") for word in record.split() if word.startswith(f"{name}=")), "")
+
+
 def job_state(record: str) -> str:
-    """ "JobId=3 ... JobState=COMPLETED Reason=None ..." -> "COMPLETED"; "" when not there."""
-    return next((field.removeprefix("JobState=") for field in record.split() if field.startswith("JobState=")), "")
+    return field(record, "JobState")
+
+
+def running(p: Probe, asker: Node, job: str) -> str:
+    """The job's record while the controller in control has it running; "" otherwise."""
+    record = p.sh(asker, f"scontrol -o show job {job}", check=False).strip()
+    return record if job_state(record) == "RUNNING" else ""
 
 
 def job_ended(p: Probe, asker: Node, job: str, seconds: float) -> str:
@@ -101,10 +112,10 @@ def power_off(vms: ClusterVMs, p: Probe) -> tuple[Node, float, float]:
     asker = live[0]
     job = ""
     if vms.cluster.services.slurm:
-        # A job that runs a while and writes a file, on a node that stays up; running, and in
-        # the state the controller saved (on the RBD image) before the power goes.
+        # A job on a node that stays up, running until it is told to end (GO_FILE on its node),
+        # and in the state the controller saved (on the RBD image) before the power goes.
         job = p.sh(asker, f"sbatch --parsable -N1 --exclude={victim.name} -o /root/fault-job.out "
-                          "--wrap 'sleep 90; hostname'").strip()
+                          f"--wrap 'while [ ! -e {GO_FILE} ]; do sleep 2; done; rm {GO_FILE}; hostname'").strip()
         until(f"job {job} running", lambda: p.sh(asker, f"squeue -h -j {job} -o %T", check=False).strip()
               == "RUNNING", seconds=300, every=2)
         since = int(p.sh(victim, "date +%s"))
@@ -129,11 +140,12 @@ def without(vms: ClusterVMs, p: Probe, victim: Node, live: list[Node], job: str)
         until("another SLURM controller answering", lambda: "UP" in p.sh(asker, "scontrol ping", check=False),
               seconds=300, every=1)
         failover = time.monotonic()
-        # The job outlives its controller: it ends COMPLETED under the new one (looked at every
-        # 5 s, so its record is seen before it ages out of the controller). A job whose end was
-        # reported while no controller ran is requeued by the new one ("missing from batch node",
-        # run 15) and runs again: 600 s covers that second run under TCG.
-        record = job_ended(p, asker, job, seconds=600)
+        # The job outlives its controller: the new one, in control (a backup in standby answers
+        # a ping, and refuses the rest), has it running; told to end then, it ends COMPLETED
+        # (looked at every 5 s, so its record is seen before it ages out of the controller).
+        record = until(f"job {job} running under the new controller", lambda: running(p, asker, job), seconds=300)
+        p.sh(vms.cluster.node(field(record, "BatchHost")), f"touch {GO_FILE}")
+        record = job_ended(p, asker, job, seconds=300)
         if job_state(record) != "COMPLETED":
             raise Failed(f"job {job}, running when its controller's node lost power, ended "
                          f"{job_state(record)}, not COMPLETED", record)

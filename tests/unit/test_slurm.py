@@ -268,6 +268,16 @@ def test_what_slurm_says_parsed() -> None:
     record = "JobId=3 JobName=wrap UserId=root(0) GroupId=root(0) JobState=NODE_FAIL Reason=None ExitCode=0:0"
     assert faults.job_state(record) == "NODE_FAIL" and "NODE_FAIL" in faults.FINAL_JOB_STATES
     assert faults.job_state("slurm_load_jobs error: Invalid job id specified") == ""
+    assert faults.field(record + " BatchHost=s2 NodeList=s2", "BatchHost") == "s2"
+
+
+def test_a_backup_is_told_its_place(seeds: dict[str, dict[str, seedlib.Seed]]) -> None:
+    """The place `scontrol takeover` is given: the node's SlurmctldHost line, 0 the primary."""
+    places = {name: slurmctld.index(Ctx(seed)) for name, seed in seeds["example"].items()}
+    assert places == {"s1": 0, "s2": 1, "s3": 2}
+    conf = slurmconf.slurm_conf(seeds["example"]["s1"].cluster).splitlines()
+    hosts = [line for line in conf if line.startswith("SlurmctldHost=")]
+    assert [hosts[place].split("=")[1].split("(")[0] for place in places.values()] == list(places)
 
 
 # ---------------------------------------------------------------- the controller

@@ -5,7 +5,11 @@ inventory order, the same on every core node; only the elected node runs slurmct
 there it is either the primary (listed first), which takes control at once, or a backup,
 which takes control once no controller listed above it has answered for SlurmctldTimeout
 (15 s; it would wait longer only for a heartbeat file in the state newer than its own start,
-and the previous holder's is older: it was stopped or fenced first). Clients, slurmd and
+and the previous holder's is older: it was stopped or fenced first). A backup in standby
+refuses every RPC, and an RPC refused that way is not sent again: a batch job whose end was
+reported then was requeued and ran a second time (run 15). Since the election lets no other
+controller run, the agent tells a backup to take control as soon as it listens (`scontrol
+takeover INDEX`); should that not get through, it takes control by itself. Clients, slurmd and
 `slurmd --conf-server` try the listed controllers in order and use the first that accepts
 the connection (one in standby sends them on), so nothing is edited when the controller
 moves. (Read in slurm-wlm 22.05.8: src/slurmctld/backup.c run_backup() and ping_controllers(),
@@ -36,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...run import run
+from ...run import CommandError, run
 from ..seed import Role, Service
 from . import host, munge, slurmstate, wireguard
 from .context import Ctx
@@ -49,6 +53,7 @@ from .slurmconf import (
     SLURMCTLD_DROPIN,
     SLURMCTLD_UNIT,
     STATE_DIR,
+    controllers,
     judge,
     query_nodes,
     slurm_conf,
@@ -61,6 +66,7 @@ needs: tuple[str, ...] = ()
 
 ELECTION = "slurmctld"
 STATE_KEY = "/clusterforge/slurmctld/state-holder"  # without Ceph: whose disk holds the newest state
+TAKEOVER_SECONDS = 30  # telling a just-started backup to take control: it listens within seconds
 GIVE_UP_SECONDS = 60  # after a failed takeover, leave the role to the other core nodes this long
 LOCAL_STATE = ("its state is on this node's disk (no Ceph): a failover keeps the nodes and the partition "
                "and loses the job queue and the running jobs' records")
@@ -284,7 +290,7 @@ def plan_start(ctx: Ctx, f: Facts) -> Plan:
                      lambda token: host.ensure_dir(STATE_DIR, 0o755, SLURM_USER))]
     if not f.unit.running:
         why = f"it stopped ({f.unit.result})" if f.unit.active == "failed" else "this node holds the role"
-        return [take(ctx, "start the controller", why, lambda token: start(f.unit))]
+        return [take(ctx, "start the controller", why, lambda token: start(f.unit, index(ctx)))]
     if f.strangers:
         names = ",".join(f.strangers)
         return [take(ctx, "delete nodes that are not the cluster's", f"{names}: removed from the cluster (or never "
@@ -347,10 +353,32 @@ def set_aside() -> None:
     host.ensure_dir(STATE_DIR, 0o755, SLURM_USER)
 
 
-def start(unit: host.Unit) -> None:
+def index(ctx: Ctx) -> int:
+    """This node's place among the SlurmctldHost lines: 0 the primary, else a backup."""
+    return [name for name, _ in controllers(ctx.seed.cluster)].index(ctx.me.name)
+
+
+def start(unit: host.Unit, place: int) -> None:
     if unit.active == "failed":
         host.systemctl("reset-failed", SLURMCTLD_UNIT)
     host.systemctl("start", SLURMCTLD_UNIT)
+    if place:
+        take_control(place)
+
+
+def take_control(place: int) -> bool:
+    """A backup told to take control now (scontrol takeover), tried until it listens, for at
+    most TAKEOVER_SECONDS: whether it was told. Not told, it takes control after SlurmctldTimeout."""
+    deadline = time.monotonic() + TAKEOVER_SECONDS
+    while True:
+        try:
+            if run(["scontrol", "takeover", str(place)], check=False, timeout=COMMAND_TIMEOUT).returncode == 0:
+                return True
+        except CommandError:
+            pass  # timed out: try again while there is time
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1)  # the daemon is starting: not listening yet
 
 
 def health(ctx: Ctx, f: Facts) -> Status:
