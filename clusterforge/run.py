@@ -42,6 +42,12 @@ PACKAGES = {
 TAIL_LINES = 25
 
 
+def in_netns(netns: str | None, argv: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """argv run inside the network namespace netns (as it is when netns is None)."""
+    args = [os.fspath(a) for a in argv]
+    return [which("ip"), "netns", "exec", netns, *args] if netns else args
+
+
 def which(binary: str) -> str:
     path = shutil.which(binary, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
     if path is None:

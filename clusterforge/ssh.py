@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .run import CommandError, run, which
+from .run import CommandError, in_netns, run, which
 
 OPTIONS = ("-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes",
            "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=5")
@@ -43,7 +43,7 @@ class Target:
         argv = [which("ssh"), *OPTIONS, *self.mux_options(), "-i", str(self.key), "-p", str(self.port)]
         argv += ["-t"] if tty else []
         argv += [f"{self.user}@{self.host}", command] if command else [f"{self.user}@{self.host}"]
-        return [which("ip"), "netns", "exec", self.netns, *argv] if self.netns else argv
+        return in_netns(self.netns, argv)
 
     def mux_options(self) -> tuple[str, ...]:
         # Sockets named by network namespace too: two QEMU clusters may use the same addresses.

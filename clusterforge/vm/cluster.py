@@ -25,7 +25,7 @@ from .. import k3sbundle
 from ..inventory import BootMode, Cluster, Disk, Node, Role
 from ..log import die, info
 from ..paths import REPO, Paths
-from ..run import run, spawn
+from ..run import in_netns, run, spawn
 from ..ssh import Target
 from .accel import Accel, choose
 from .machine import Drive, Machine, MachineError, MachineSpec, Nic, boot_phases
@@ -278,10 +278,10 @@ class ClusterVMs:
         self.dir.mkdir(parents=True, exist_ok=True)
         log = self.dir / "pxe-server.log"
         with open(log, "a") as out:
-            proc = spawn(["ip", "netns", "exec", self.net.netns, REPO / "forge", "pxe.serve",
-                          "--inventory", str(self.cluster.source.resolve()), "--interface", self.net.bridge,
-                          "--out", str(self.paths.out), "--state", str(self.paths.state),
-                          "--runs", str(self.paths.runs)], stdout=out, stderr=subprocess.STDOUT,
+            proc = spawn(in_netns(self.net.netns, [
+                REPO / "forge", "pxe.serve", "--inventory", str(self.cluster.source.resolve()),
+                "--interface", self.net.bridge, "--out", str(self.paths.out), "--state", str(self.paths.state),
+                "--runs", str(self.paths.runs)]), stdout=out, stderr=subprocess.STDOUT,
                          start_new_session=True)
         self.pxe_pidfile.write_text(f"{proc.pid}\n")
         deadline = time.monotonic() + 60

@@ -22,7 +22,7 @@ from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from ..run import spawn, which
+from ..run import in_netns, spawn, which
 from . import accel as accel_mod
 from .guest import GuestAgent, device_args
 
@@ -155,9 +155,7 @@ class Machine:
             if s.initrd:
                 argv += ["-initrd", str(s.initrd)]
         argv += list(s.extra)
-        if s.netns:
-            argv = [which("ip"), "netns", "exec", s.netns, *argv]
-        return argv
+        return in_netns(s.netns, argv)
 
     def start(self) -> Machine:
         self.dir.mkdir(parents=True, exist_ok=True)

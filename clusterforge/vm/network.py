@@ -14,7 +14,7 @@ import socket
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-from ..run import CommandError, run
+from ..run import CommandError, in_netns, run
 
 
 def free_port() -> int:
@@ -83,7 +83,7 @@ class ClusterNet:
     def http_get(self, url: str, timeout: float) -> str | None:
         """The body at url, fetched from inside the namespace; None if nothing answers with 2xx."""
         try:
-            proc = run(["ip", "netns", "exec", self.netns, "curl", "-sf", "-m", f"{timeout:.0f}", url],
+            proc = run(in_netns(self.netns, ["curl", "-sf", "-m", f"{timeout:.0f}", url]),
                        check=False, timeout=timeout + 10)
         except CommandError:  # hung past curl's own limit: no answer either
             return None

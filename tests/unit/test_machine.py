@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from clusterforge.ssh import Target
 from clusterforge.vm import accel
 from clusterforge.vm.machine import Machine, MachineError, MachineSpec
 
@@ -24,3 +25,13 @@ def test_a_held_monitor_is_named_not_waited_on_forever(tmp_path: Path) -> None:
         holder.close()
         assert other.attach().qmp("query-status")["status"] == "running"
         other.close()
+
+
+def test_a_machine_in_a_namespace_runs_inside_it(tmp_path: Path) -> None:
+    """QEMU, ssh and the harness's fetches share one prefix for the cluster's namespace."""
+    (tmp_path / "n").mkdir()
+    inside = Machine(MachineSpec(name="n", memory_mb=128, netns="cf-test"), tmp_path, accel.TCG).argv()
+    assert inside[1:4] == ["netns", "exec", "cf-test"] and inside[4].endswith("qemu-system-x86_64")
+    alone = Machine(MachineSpec(name="n", memory_mb=128), tmp_path, accel.TCG).argv()
+    assert alone[0].endswith("qemu-system-x86_64") and alone[1:] == inside[5:]
+    assert Target("10.0.0.11", tmp_path / "key", netns="cf-test").argv("true")[1:4] == ["netns", "exec", "cf-test"]
