@@ -366,18 +366,16 @@ def start(unit: host.Unit, place: int) -> None:
         take_control(place)
 
 
-def take_control(place: int) -> bool:
-    """A backup told to take control now (scontrol takeover), tried until it listens, for at
-    most TAKEOVER_SECONDS: whether it was told. Not told, it takes control after SlurmctldTimeout."""
+def take_control(place: int) -> None:
+    """The backup at place told to take control now (scontrol takeover), tried until it listens,
+    for at most TAKEOVER_SECONDS; one never told takes control by itself after SlurmctldTimeout."""
     deadline = time.monotonic() + TAKEOVER_SECONDS
-    while True:
+    while time.monotonic() < deadline:
         try:
             if run(["scontrol", "takeover", str(place)], check=False, timeout=COMMAND_TIMEOUT).returncode == 0:
-                return True
+                return
         except CommandError:
             pass  # timed out: try again while there is time
-        if time.monotonic() > deadline:
-            return False
         time.sleep(1)  # the daemon is starting: not listening yet
 
 
