@@ -25,6 +25,7 @@ from clusterforge.node.agent.context import Ctx
 from clusterforge.node.agent.core import State, StepFailed, Wait
 from clusterforge.node.agent.host import Unit
 from clusterforge.node.seed import Role, Service
+from clusterforge.run import CommandError
 from clusterforge.verify import faults
 
 from .conftest import DATA, EXAMPLE
@@ -495,3 +496,15 @@ def test_the_controller_deletes_a_removed_node_that_registered_again(seeds: dict
     assert plan[0].why.startswith("c9: removed from the cluster")  # type: ignore[index]
     # What counts as a stranger: not in the seed; the seed's nodes never are (no etcd asked).
     assert slurmctld.strangers(ctx, {"s1": "idle", "s2": "idle"}) == ()
+
+
+def test_why_ceph_did_not_tell_names_what_did_not_answer() -> None:
+    """Formation (run 16): with the monitors in quorum and no OSD up yet, `rbd info` hangs on the
+    pool; that is not reported as the monitors' silence."""
+    assert slurmstate.unanswered(CommandError(["/usr/bin/ceph", "osd", "blocklist", "ls"], None, "",
+                                              "timed out after 30.0s")) == "no monitor quorum answers"
+    rbd = slurmstate.unanswered(CommandError(["/usr/bin/rbd", "info", "rbd/slurmctld-state"], None, "",
+                                             "timed out after 30.0s"))
+    assert "rbd did not answer" in rbd and "placement group" in rbd
+    assert "Permission denied" in slurmstate.unanswered(
+        CommandError(["/usr/bin/rbd", "status"], 13, "rbd: error: (13) Permission denied\n"))

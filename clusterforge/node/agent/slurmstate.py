@@ -128,7 +128,7 @@ def image() -> tuple[Image | None, str]:
         status = json.loads(run(["rbd", "status", SPEC, "--format", "json"], timeout=PROBE_TIMEOUT).stdout or "{}")
         locks = json.loads(run(["rbd", "lock", "ls", SPEC, "--format", "json"], timeout=PROBE_TIMEOUT).stdout or "[]")
     except CommandError as exc:
-        return None, "no monitor quorum answers" if exc.code is None else last_line(exc)
+        return None, unanswered(exc)
     except ValueError as exc:
         return None, f"unreadable answer: {exc}"
     if isinstance(locks, dict):  # older releases: {lock id: {locker, address}}
@@ -139,6 +139,17 @@ def image() -> tuple[Image | None, str]:
         lockers=tuple(str(lk.get("address", "")) for lk in locks if lk.get("address")),
         blocklisted=blocklisted,
     ), ""
+
+
+def unanswered(exc: CommandError) -> str:
+    """Why Ceph did not tell: `ceph` timing out finds no monitor quorum; `rbd` timing out
+    (the monitors answered just before) waits on the pool, whose placement groups are not
+    active while too few OSDs are up."""
+    if exc.code is not None:
+        return last_line(exc)
+    if Path(exc.argv[0]).name == "rbd":
+        return f"rbd did not answer within {PROBE_TIMEOUT:.0f}s (the rbd pool has no active placement group yet?)"
+    return "no monitor quorum answers"
 
 
 def json_values(text: str) -> list[object]:
