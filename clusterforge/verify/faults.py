@@ -29,6 +29,8 @@ from .run import formation_timeout, wait_formed
 RECOVERY_LIMIT = 900.0  # seconds to fully healthy once a fault is undone, under TCG (a power-cycle: a formation's)
 PAUSE_SECONDS = 60
 GO_FILE = "/root/fault-job.go"  # fault 1's job runs until this file is on its node
+JOB_MINUTES = 30  # and ends by itself after this, should the fault fail first
+STATE_FILE = "/var/lib/slurm/slurmctld/job_state"  # the controller's saved jobs
 STEP = 5.0
 T = TypeVar("T")
 
@@ -112,23 +114,39 @@ def power_off(vms: ClusterVMs, p: Probe) -> tuple[Node, float, float]:
     asker = live[0]
     job = ""
     if vms.cluster.services.slurm:
-        # A job on a node that stays up, running until it is told to end (GO_FILE on its node),
-        # and in the state the controller saved (on the RBD image) before the power goes.
-        job = p.sh(asker, f"sbatch --parsable -N1 --exclude={victim.name} -o /root/fault-job.out "
-                          f"--wrap 'while [ ! -e {GO_FILE} ]; do sleep 2; done; rm {GO_FILE}; hostname'").strip()
-        until(f"job {job} running", lambda: p.sh(asker, f"squeue -h -j {job} -o %T", check=False).strip()
-              == "RUNNING", seconds=300, every=2)
-        since = int(p.sh(victim, "date +%s"))
-        until("the controller's state saved", lambda: int(p.sh(victim, "stat -c %Y /var/lib/slurm/slurmctld/job_state",
-                                                              check=False).strip() or 0) > since, seconds=120, every=2)
+        # A job on a node that stays up, running until it is told to end (GO_FILE on its node;
+        # within JOB_MINUTES should the fault fail first), and in the state the controller saved
+        # (on the RBD image) before the power goes.
+        job = p.sh(asker, f"sbatch --parsable -N1 --exclude={victim.name} --time={JOB_MINUTES} "
+                          f"-o /root/fault-job.out --wrap 'while [ ! -e {GO_FILE} ]; do sleep 2; done; "
+                          f"rm {GO_FILE}; hostname'").strip()
+        try:
+            until(f"job {job} running", lambda: p.sh(asker, f"squeue -h -j {job} -o %T", check=False).strip()
+                  == "RUNNING", seconds=300, every=2)
+            saved(p, victim, asker, job)
+        except BaseException:
+            p.sh(asker, f"scancel {job}", check=False)
+            raise
     vms.kill(victim.name)
     off = time.monotonic()
     try:
         failover = without(vms, p, victim, live, job) - off
     except BaseException:
         vms.start(victim.name)  # the checks after this one need every node
+        if job:
+            p.sh(asker, f"scancel {job}", check=False)
         raise
     return victim, failover, off
+
+
+def saved(p: Probe, controller: Node, asker: Node, job: str) -> None:
+    """The running job in the state the controller saved: slurmctld saves its state after a
+    change, and the save that followed the job's start may be older than `since`; so the job is
+    changed (a comment) a second after `since`, and the save that follows is waited for."""
+    since = int(p.sh(controller, "date +%s; sleep 1.5").split()[0])
+    p.sh(asker, f"scontrol update JobId={job} Comment=fault-1")
+    until("the controller's state saved", lambda: int(p.sh(
+        controller, f"stat -c %Y {STATE_FILE}", check=False).strip() or 0) > since, seconds=120, every=2)
 
 
 def without(vms: ClusterVMs, p: Probe, victim: Node, live: list[Node], job: str) -> float:
