@@ -24,7 +24,7 @@ from ..inventory import Node, Role
 from ..node.agent.slurmconf import parse_ping
 from ..vm.cluster import ClusterVMs
 from .checks import ETCD_COMMAND_TIMEOUT, Failed, Probe, Result, core, vip_holders
-from .run import formation_timeout, wait_formed
+from .run import cluster_view, formation_timeout, last_passes, wait_formed
 
 RECOVERY_LIMIT = 900.0  # seconds to fully healthy once a fault is undone, under TCG (a power-cycle: a formation's)
 PAUSE_SECONDS = 60
@@ -52,8 +52,10 @@ def controller(vms: ClusterVMs, p: Probe, asked: Node) -> str:
 
 
 def recover(vms: ClusterVMs, since: float, limit: float = RECOVERY_LIMIT) -> float:
-    """Seconds from since (the fault undone, time.monotonic()) to fully healthy; Failed past limit."""
-    took, view = wait_formed(vms, since, timeout=max(1.0, since + limit - time.monotonic()))
+    """Seconds from since (the fault undone, time.monotonic()) to fully healthy, as every node's
+    agent sees it in a pass made after now; Failed past limit."""
+    after = last_passes(cluster_view(vms))
+    took, view = wait_formed(vms, since, timeout=max(1.0, since + limit - time.monotonic()), after=after)
     if took is None:
         raise Failed(f"not fully healthy within {limit:.0f}s: " + "; ".join(view.get("problems", [])[:5]))
     return took

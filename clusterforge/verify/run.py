@@ -49,15 +49,28 @@ def formation_timeout(vms: ClusterVMs) -> float:
     return FORMATION_BASE + FORMATION_PER_NODE * len(vms.cluster.nodes)
 
 
-def wait_formed(vms: ClusterVMs, since: float, timeout: float | None = None) -> tuple[float | None, dict[str, Any]]:
-    """Until check-cluster says healthy; prints what is still pending as it changes."""
+def last_passes(view: dict[str, Any] | None) -> dict[str, float]:
+    """node -> when its agent last finished a pass (its clock), as its record in view says."""
+    return {n["node"]: float(n.get("last_pass", {}).get("at", 0)) for n in (view or {}).get("nodes", [])}
+
+
+def wait_formed(vms: ClusterVMs, since: float, timeout: float | None = None,
+                after: dict[str, float] | None = None) -> tuple[float | None, dict[str, Any]]:
+    """Until check-cluster says healthy; prints what is still pending as it changes. after (node ->
+    last_passes' value): healthy only on records newer than these, so that a fault just undone is
+    judged by passes made since, not by records from before it."""
     deadline = time.monotonic() + (timeout or formation_timeout(vms))
     said = ""
     view: dict[str, Any] = {}
     while time.monotonic() < deadline:
         view = cluster_view(vms) or {"healthy": False, "problems": ["no core node answers yet"]}
-        if view.get("healthy"):
+        passes = last_passes(view)
+        stale = [name for name, at in (after or {}).items() if passes.get(name, 0) <= at]
+        if view.get("healthy") and not stale:
             return time.monotonic() - since, view
+        if stale:
+            view = {**view, "problems": [*view.get("problems", []), f"no pass since the fault was undone: "
+                                                                     f"{', '.join(stale)}"]}
         pending = "; ".join(view.get("problems", [])[:4])
         if pending != said:
             info(f"  forming ({time.monotonic() - since:.0f}s): {pending}")

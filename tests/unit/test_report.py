@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
-from clusterforge.verify import report
+import pytest
+
+from clusterforge.verify import report, run
 
 
 def test_timeline_lines_up_services_with_power_on() -> None:
@@ -36,3 +39,21 @@ def test_report_files_and_page(tmp_path: Path) -> None:
     checks[0]["status"] = "fail"
     report.write(tmp_path, "lab", checks, events, {})
     assert json.loads(json_path.read_text())["verdict"] == "fail"
+
+
+def test_a_fault_is_judged_by_passes_made_after_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run 16: faults 2 and 3 were 'fully healthy 2 s after' being undone, on the records the
+    agents published before them. Healthy counts only once every node has passed again."""
+    def view(s1: float, s2: float, healthy: bool = True) -> dict[str, Any]:
+        nodes = [{"node": "s1", "last_pass": {"at": s1}}, {"node": "s2", "last_pass": {"at": s2}}]
+        return {"healthy": healthy, "problems": [] if healthy else ["s2: ceph: waiting"], "nodes": nodes}
+
+    before = view(100.0, 100.0)
+    views = iter([before, view(105.0, 100.0), view(110.0, 108.0, healthy=False), view(115.0, 113.0)])
+    monkeypatch.setattr(run, "cluster_view", lambda vms: next(views))
+    monkeypatch.setattr(run, "POLL", 0.0)
+    after = run.last_passes(before)
+    assert after == {"s1": 100.0, "s2": 100.0}
+    took, seen = run.wait_formed(None, since=0.0, timeout=60, after=after)  # type: ignore[arg-type]
+    assert took is not None and run.last_passes(seen) == {"s1": 115.0, "s2": 113.0}
+    assert run.last_passes(None) == {}
