@@ -1,5 +1,6 @@
-"""A machine's QMP monitor serves one client at a time: a command that finds it held says so
-within seconds, and never kills the machine it could not reach."""
+"""The harness's machines: a QMP monitor held by another client is named within seconds and
+its machine left alone; a cluster's machines run inside its network namespace; each gets the
+memory its roles need."""
 
 from __future__ import annotations
 
