@@ -177,6 +177,9 @@ def test_a_reset_nic_brings_its_node_back(formed: ClusterVMs) -> None:
         "check-cluster", check=False).returncode == 0, seconds=DEADLINE)
 
 
+# CI's hour has no room for it: a wiped member on the controller's node moves the controller too
+# (run 17: 2-10 minutes more under TCG; the cluster forms in 20-27 minutes on CI's machines).
+@pytest.mark.all_only
 def test_a_wiped_etcd_member_rejoins_by_itself(formed: ClusterVMs) -> None:
     sh(formed, "s3", "systemctl stop clusterforge-agent clusterforge-etcd && rm -rf /var/lib/clusterforge/etcd "
                      "&& systemctl start clusterforge-agent")

@@ -37,7 +37,10 @@ FS = "ext4"
 MOUNT_OPTIONS = "noatime,dirsync,errors=remount-ro"
 HOLDER = ".clusterforge-holder"  # in the state: "<node> <fencing token>" of the last mount
 TIMEOUT = 90.0  # a command that changes something; map waits up to lock_timeout for the lock
-PROBE_TIMEOUT = 30.0  # a command that reads
+# A command that reads. Under emulation, on a busy node, the ceph and rbd commands spend 10-30 s
+# starting (`ceph osd blocklist ls`: 30.5 s, 8.8 s of it CPU, with HEALTH_OK, run 17); at 30 s
+# every pass timed out and the elected node never started the controller.
+PROBE_TIMEOUT = 90.0
 CONNECT_TIMEOUT = 10  # seconds for `ceph` to find a monitor
 SYSFS = Path("/sys/bus/rbd/devices")
 
