@@ -123,8 +123,7 @@ def power_off(vms: ClusterVMs, p: Probe) -> tuple[Node, float, float]:
                           f"-o /root/fault-job.out --wrap 'while [ ! -e {GO_FILE} ]; do sleep 2; done; "
                           f"rm {GO_FILE}; hostname'").strip()
         try:
-            until(f"job {job} running", lambda: p.sh(asker, f"squeue -h -j {job} -o %T", check=False).strip()
-                  == "RUNNING", seconds=300, every=2)
+            until(f"job {job} running", lambda: running(p, asker, job), seconds=300, every=2)
             saved(p, victim, asker, job)
         except BaseException:
             p.sh(asker, f"scancel {job}", check=False)
